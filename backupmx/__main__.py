@@ -1,0 +1,3 @@
+from backupmx.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The ``backupmx`` command: one entry point, verbs of design.md §4.
+
+Exit status: 0 ok, 1 the operation failed (unknown queue id, database down),
+2 usage or configuration error (the message names the key and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from backupmx import config as configuration
+from backupmx.cli import CommandError
+from backupmx.cli import queue as queue_commands
+from backupmx.logs import configure as configure_logs
+from backupmx.queue.store import UnknownMessage
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupmx", description="A backup MX that holds mail while the primary is down."
+    )
+    parser.add_argument(
+        "--config", help="TOML file (default: $BACKUPMX_CONFIG, then /etc/backupmx/backupmx.toml)"
+    )
+    parser.add_argument("--database", help="queue database URL, overriding the file")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the listener (and, later, the deliverer)")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="repeatable")
+    serve.add_argument(
+        "--domain", action="append", metavar="NAME", help="a domain to back up; repeatable"
+    )
+    serve.add_argument("--hostname", help="our name in the banner, EHLO and Received:")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    queue_commands.add_parsers(verbs.add_parser("queue", help="show and manage the held queue"))
+
+    db = verbs.add_parser("db", help="queue database schema").add_subparsers(
+        dest="db_verb", required=True
+    )
+    db.add_parser("upgrade", help="apply migrations (alembic upgrade head)")
+
+    config = verbs.add_parser("config", help="configuration").add_subparsers(
+        dest="config_verb", required=True
+    )
+    config.add_parser("check", help="validate the configuration file")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> configuration.Config:
+    overrides: dict[str, Any] = {}
+    if args.database:
+        overrides["database"] = args.database
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "domain", None):
+        overrides["domain"] = [{"name": name} for name in args.domain]
+    if getattr(args, "hostname", None):
+        overrides["hostname"] = args.hostname
+    return configuration.load(configuration.default_path(args.config), overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args)
+        return run(args, config)
+    except configuration.ConfigError as error:
+        print(f"backupmx: configuration error: {error}", file=sys.stderr)
+        return 2
+    except UnknownMessage as error:
+        print(f"backupmx: {error}", file=sys.stderr)
+        return 1
+    except CommandError as error:
+        print(f"backupmx: {error}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as error:
+        print(f"backupmx: database error: {getattr(error, 'orig', None) or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace, config: configuration.Config) -> int:
+    if args.verb == "serve":
+        from backupmx.app import serve
+
+        configure_logs(args.log_level)
+        asyncio.run(serve(config, lambda: load_config(args)))
+        return 0
+    if args.verb == "config":
+        path = configuration.default_path(args.config)
+        where = path if path else "built-in defaults"
+        print(f"{where}: ok ({len(config.domain)} domain(s), database {config.database})")
+        return 0
+    if args.verb == "db":
+        return asyncio.run(_db_upgrade(config.database))
+    if args.verb == "queue":
+        return asyncio.run(queue_commands.run(args, config.database))
+    raise CommandError(f"unknown command {args.verb}")
+
+
+async def _db_upgrade(url: str) -> int:
+    from backupmx.queue.database import current_revision, open_engine, upgrade
+
+    engine = open_engine(url)
+    try:
+        await upgrade(engine)
+        print(f"database schema at revision {await current_revision(engine)}")
+    finally:
+        await engine.dispose()
+    return 0

@@ -1,0 +1,333 @@
+"""Typed configuration: the TOML file of design.md §4 and the quick-start flags.
+
+Every limit is a named setting here, with its default and the reason for it next
+to the field.  Everything else in backupmx receives the parts it needs as
+arguments; nothing reads a global configuration object.
+
+On failure, `load` raises `ConfigError` naming the key (``limits.max_message_size``)
+and the problem; the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+DEFAULT_CONFIG_PATH = Path("/etc/backupmx/backupmx.toml")
+DEFAULT_DATABASE = "sqlite:///backupmx.db"  # ./backupmx.db, the quick-start default
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or malformed."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+class Duration:
+    """Marker: a duration such as "30s", "5m", "2h", "5d" (stored as float seconds)."""
+
+
+class Size:
+    """Marker: a size such as "50MiB", "10MB", "65536" (stored as int bytes)."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """ "30s" -> 30.0; a bare number means seconds."""
+    if isinstance(text, bool):
+        raise ValueError("not a duration")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not a duration (use e.g. 30s, 5m, 2h, 5d)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(text: str | int) -> int:
+    """ "50MiB" -> 52428800; a bare number means bytes."""
+    if isinstance(text, bool):
+        raise ValueError("not a size")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"{text!r} is not a size (use e.g. 65536, 10MB, 50MiB)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 0:
+        raise ValueError("a size cannot be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
+    """ "127.0.0.1:25", "[::1]:25", "mx1.example.com" (with a default port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
+    if not match:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:25)")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    if match.group(1):
+        ipaddress.IPv6Address(host)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port")
+        return HostPort(host, default_port)
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return HostPort(host, port)
+
+
+_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def normalize_domain(name: str) -> str:
+    """Lower-case, IDNA-encoded, trailing dot removed; raises ValueError if not a domain."""
+    text = name.strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise ValueError(f"{name!r} is not a domain name") from error
+    labels = text.split(".")
+    if len(text) > 253 or len(labels) < 1 or not all(_DOMAIN_LABEL.fullmatch(x) for x in labels):
+        raise ValueError(f"{name!r} is not a domain name")
+    return text
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Postfix's message_size_limit is 10 MB, Exim's 50 MB; a backup must not refuse
+    # what the primary takes, and bodies are spooled, so a large limit costs no memory.
+    max_message_size: Annotated[int, Size] = 50 * 1024**2
+    # RFC 5321 §4.5.3.1.8 asks for at least 100; Postfix and OpenSMTPD take 1000.
+    max_recipients: int = 1000
+    # Postfix's default_process_limit is 100 smtpd processes.
+    max_connections: int = 100
+    # Postfix's smtpd_client_connection_count_limit (half the process limit).
+    max_connections_per_ip: int = 50
+    # RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command.
+    command_timeout: Annotated[float, Duration] = 300.0
+    # Upper bound on a whole DATA phase (each read is also bounded by command_timeout):
+    # stops a client that trickles a byte at a time from holding a slot forever.
+    data_timeout: Annotated[float, Duration] = 600.0
+    # RFC 5321 §6.3: "at least 100" Received: headers before declaring a loop.
+    max_received_headers: int = 100
+    # Bare CR or LF in DATA (SMTP smuggling): "normalize" to CRLF as Postfix 3.9
+    # does by default, or "reject" with 550 5.6.0 as Exim 4.98 and sendmail 8.18.
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    # Postfix's smtpd_hard_error_limit: this many errors in one session closes it.
+    max_errors: int = 20
+    # On SIGTERM, sessions in DATA may finish for this long before being cut.
+    drain_timeout: Annotated[float, Duration] = 30.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert: str = ""  # PEM certificate chain for inbound STARTTLS; empty: no STARTTLS
+    key: str = ""  # PEM private key; reloaded with the certificate on SIGHUP
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # exact name; a leading dot (".example.com") covers its subdomains only
+    # Static route, "host[:port]" each; empty means: the domain's MX set from DNS.
+    primary: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.getfqdn)  # banner, EHLO, self-detection
+    listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
+    database: str = DEFAULT_DATABASE  # SQLAlchemy URL; sqlite:/// or postgresql+psycopg://
+    limits: Limits = field(default_factory=Limits)
+    tls: Tls = field(default_factory=Tls)
+    domain: tuple[Domain, ...] = ()
+
+    def listen_addresses(self) -> list[HostPort]:
+        return [parse_host_port(text) for text in self.listen]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the TOML file (if any), apply quick-start overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as file:
+                raw = tomllib.load(file)
+        except OSError as error:
+            raise ConfigError("", f"cannot read {path}: {error.strerror}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError("", f"{path}: {error}") from error
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    config: Config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def default_path(explicit: str | None) -> Path | None:
+    """--config, else $BACKUPMX_CONFIG, else /etc/backupmx/backupmx.toml if it exists."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("BACKUPMX_CONFIG"):
+        return Path(os.environ["BACKUPMX_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix, "must be a table")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(_join(prefix, unknown[0]), "unknown key")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        values[name] = _convert(hints[name], value, _join(prefix, name))
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(_join(prefix, missing[0]), "is required")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin is Annotated:
+            base, marker = typing.get_args(hint)[:2]
+            if marker is Duration:
+                return parse_duration(value)
+            if marker is Size:
+                return parse_size(value)
+            return _convert(base, value, key)
+        if origin is Literal:
+            allowed = typing.get_args(hint)
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+            return value
+        if origin is tuple:
+            item_type = typing.get_args(hint)[0]
+            if not isinstance(value, Sequence) or isinstance(value, str):
+                raise ValueError("must be a list")
+            return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+        if dataclasses.is_dataclass(hint):
+            return _build(typing.cast(type[Any], hint), value, key)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("must be a non-negative integer")
+            return value
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            return value
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(key, str(error)) from error
+    if isinstance(hint, types.UnionType):
+        raise ConfigError(key, "unsupported type")
+    raise ConfigError(key, f"unsupported type {hint!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _validate(config: Config) -> None:
+    for i, text in enumerate(config.listen):
+        try:
+            parse_host_port(text)
+        except ValueError as error:
+            raise ConfigError(f"listen[{i}]", str(error)) from error
+    if not config.listen:
+        raise ConfigError("listen", "needs at least one address")
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", config.database):
+        raise ConfigError(
+            "database", f"{config.database!r} is not a sqlite:// or postgresql:// URL"
+        )
+    try:
+        normalize_domain(config.hostname)
+    except ValueError as error:
+        raise ConfigError("hostname", str(error)) from error
+    seen: set[str] = set()
+    for i, domain in enumerate(config.domain):
+        key = f"domain[{i}]"
+        try:
+            name = normalize_domain(domain.name.removeprefix("."))
+        except ValueError as error:
+            raise ConfigError(f"{key}.name", str(error)) from error
+        if name in seen:
+            raise ConfigError(f"{key}.name", f"{domain.name!r} is listed twice")
+        seen.add(name)
+        for j, text in enumerate(domain.primary):
+            try:
+                parse_host_port(text, default_port=25)
+            except ValueError as error:
+                raise ConfigError(f"{key}.primary[{j}]", str(error)) from error
+    limits = config.limits
+    if limits.max_recipients < 1:
+        raise ConfigError("limits.max_recipients", "must be at least 1")
+    if limits.max_message_size < 1024:
+        raise ConfigError("limits.max_message_size", "must be at least 1KiB")
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError("tls.key" if config.tls.cert else "tls.cert", "cert and key go together")

@@ -1,0 +1,112 @@
+"""Opening the queue database, per backend, and bringing its schema up to date.
+
+SQLite (the embedded default): WAL journal, ``synchronous=FULL`` (NORMAL can lose
+the last commits on power loss), a busy timeout so the CLI and the server can
+share the file, and ``BEGIN IMMEDIATE`` for every transaction, because Python's
+sqlite3 does not begin before a SELECT and a deferred transaction that later
+writes can fail with SQLITE_BUSY half-way.
+
+PostgreSQL: psycopg 3, default (durable) commit.
+
+`storage_full` recognises "disk full" on both backends, so that the receiver
+can answer ``452 4.3.1`` instead of the generic ``451 4.3.0``.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def async_url(url: str) -> str:
+    """Pick the asyncio driver for a plain sqlite:// or postgresql:// URL."""
+    parsed = make_url(url)
+    driver = _DRIVERS.get(parsed.get_backend_name())
+    if driver is None:
+        raise ValueError(f"unsupported database {parsed.get_backend_name()!r}")
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def open_engine(url: str) -> AsyncEngine:
+    full = async_url(url)
+    if full.startswith("sqlite"):
+        engine = create_async_engine(full, pool_size=4, max_overflow=4)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_async_engine(full, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Hand transaction control to SQLAlchemy's "begin" event below.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def storage_full(error: BaseException) -> bool:
+    """True for SQLITE_FULL, PostgreSQL's disk_full (53100) and ENOSPC."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(current, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+            return True
+        if getattr(current, "sqlstate", None) == "53100":
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+def migrations_directory() -> Path:
+    """alembic/ of a source checkout (editable install), or backupmx/migrations of a wheel."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "migrations", package.parent / "alembic"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise FileNotFoundError("alembic migrations not found next to the backupmx package")
+
+
+async def upgrade(engine: AsyncEngine) -> None:
+    """alembic upgrade head, on this engine (serve runs it at start-up)."""
+    from alembic.config import Config
+
+    from alembic import command
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_directory()))
+
+    def run(connection: Connection) -> None:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(run)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    def read(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(read)

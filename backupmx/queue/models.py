@@ -1,0 +1,100 @@
+"""The queue's tables: one row per message (body included), one per recipient.
+
+The alembic migration in ``alembic/versions`` creates exactly these tables; a
+test compares the two so that they cannot drift.  Times are stored as UTC and
+always come back timezone-aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is stored as UTC and read back timezone-aware on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = MetaData()
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(32), primary_key=True),  # the queue id shown to clients
+    Column("sender", Text, nullable=False),  # "" for the null sender <>
+    Column("body", LargeBinary, nullable=False),  # our Received: + the message as received
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("client_ip", String(64), nullable=False),
+    Column("client_helo", Text, nullable=False),
+    Column("protocol", String(16), nullable=False),  # ESMTP, ESMTPS, UTF8SMTP, …
+    Column("tls", Text),  # "TLSv1.3 TLS_AES_256_GCM_SHA384" or NULL
+    Column("body_type", String(16), nullable=False),  # 7BIT or 8BITMIME
+    Column("smtputf8", Boolean, nullable=False),
+    Column("dsn_ret", String(8)),  # RFC 3461 RET: FULL or HDRS
+    Column("dsn_envid", Text),  # RFC 3461 ENVID, as sent
+    Column("session_id", String(32), nullable=False),
+)
+
+recipients = Table(
+    "recipients",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column(
+        "message_id",
+        String(32),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("address", Text, nullable=False),
+    Column("domain", Text, nullable=False),  # lower-case A-label form, for routing
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("last_error", Text),
+    Column("lease_owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("dsn_notify", String(32)),  # RFC 3461 NOTIFY
+    Column("dsn_orcpt", Text),  # RFC 3461 ORCPT, as sent
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_recipients_due", "state", "next_attempt_at"),
+    Index("ix_recipients_lease", "state", "lease_until"),
+    Index("ix_recipients_domain", "domain", "state"),
+    Index("ix_recipients_message", "message_id"),
+)

@@ -1,0 +1,82 @@
+"""The recipient lifecycle: every state, every event, every transition — here and only here.
+
+Rule 1 (after h11's ``_state.py``): anything that moves a recipient from one
+state to another must be a row of `TRANSITIONS`.  The store builds its SQL
+``WHERE state IN (…)`` clauses from `sources`, so a transition that is not in
+the table cannot happen in the database either.
+
+Theory of operation::
+
+    queued ──claim──▶ sending ──success──▶ delivered
+      ▲                 │──tempfail──▶ queued (next attempt after backoff)
+      │                 │──permfail──▶ bounced (DSN unless NOTIFY=NEVER or sender <>)
+      │                 └──lease_expired──▶ queued (the worker died)
+      ├──hold──▶ held ──release──▶ queued
+      └──expire──▶ expired (DSN)
+
+Invariants: `delivered`, `bounced` and `expired` are final — nothing leaves them
+(invariant 2: every accepted recipient ends in one of them or is deleted by an
+admin).  Only `sending` rows carry a lease.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    HELD = "held"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+
+
+class Event(StrEnum):
+    CLAIM = "claim"
+    SUCCESS = "success"
+    TEMPFAIL = "tempfail"
+    PERMFAIL = "permfail"
+    LEASE_EXPIRED = "lease_expired"
+    HOLD = "hold"
+    RELEASE = "release"
+    EXPIRE = "expire"
+
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.QUEUED, Event.CLAIM): State.SENDING,
+    (State.SENDING, Event.SUCCESS): State.DELIVERED,
+    (State.SENDING, Event.TEMPFAIL): State.QUEUED,
+    (State.SENDING, Event.PERMFAIL): State.BOUNCED,
+    (State.SENDING, Event.LEASE_EXPIRED): State.QUEUED,
+    (State.QUEUED, Event.HOLD): State.HELD,
+    (State.HELD, Event.RELEASE): State.QUEUED,
+    (State.QUEUED, Event.EXPIRE): State.EXPIRED,
+    (State.HELD, Event.EXPIRE): State.EXPIRED,
+}
+
+FINAL = frozenset({State.DELIVERED, State.BOUNCED, State.EXPIRED})
+PENDING = frozenset(State) - FINAL  # still the queue's responsibility
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+def next_state(state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise InvalidTransition(f"{event} is not allowed from {state}") from None
+
+
+def sources(event: Event) -> list[str]:
+    """The states from which `event` may be applied (for SQL WHERE clauses)."""
+    return sorted(state for (state, ev) in TRANSITIONS if ev == event)
+
+
+def target(event: Event) -> str:
+    """The state `event` leads to (every event has exactly one target)."""
+    (result,) = {to for (_, ev), to in TRANSITIONS.items() if ev == event}
+    return result

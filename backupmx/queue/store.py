@@ -1,0 +1,544 @@
+"""The queue store: the only way any stage reads or changes the queue.
+
+Promises:
+
+* `enqueue` returns only after the message and all its recipients are committed
+  (through the group-commit writer); on any storage error it raises and nothing
+  of the message is visible.
+* `claim` hands each due recipient to one claimant at a time, under a lease:
+  SQLite by ``UPDATE … RETURNING`` inside ``BEGIN IMMEDIATE``; PostgreSQL by
+  ``FOR UPDATE SKIP LOCKED`` in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n
+  FOR UPDATE SKIP LOCKED)`` can claim more than n rows), so several nodes can share
+  one queue.  A claimant that dies leaves `sending` rows whose lease runs out;
+  `release_expired_leases` puts them back.
+* Every state change is a transition of `backupmx.queue.state`.
+
+Admin operations on unknown queue ids raise `UnknownMessage` naming them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from backupmx.queue.database import open_engine
+from backupmx.queue.models import messages, recipients
+from backupmx.queue.state import PENDING, Event, State, sources, target
+from backupmx.queue.writer import GroupCommitWriter
+
+
+def new_queue_id() -> str:
+    """20 hex digits: microseconds since the epoch, then 28 random bits (sorts by arrival)."""
+    return f"{time.time_ns() // 1000:013X}{secrets.randbits(28):07X}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class BodySource(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    def read(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    address: str
+    domain: str
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+@dataclass
+class NewMessage:
+    id: str
+    sender: str
+    recipients: list[NewRecipient]
+    body: BodySource
+    client_ip: str
+    client_helo: str
+    protocol: str
+    session_id: str
+    tls: str | None = None
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    received_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def size(self) -> int:
+        return self.body.size
+
+
+@dataclass(frozen=True)
+class RecipientView:
+    id: int
+    address: str
+    domain: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    notify: str | None
+    orcpt: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "domain": self.domain,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "last_error": self.last_error,
+            "notify": self.notify,
+            "orcpt": self.orcpt,
+        }
+
+
+@dataclass(frozen=True)
+class MessageView:
+    id: str
+    sender: str
+    size: int
+    sha256: str
+    received_at: datetime
+    client_ip: str
+    client_helo: str
+    protocol: str
+    tls: str | None
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    recipients: list[RecipientView]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sender": self.sender,
+            "size": self.size,
+            "sha256": self.sha256,
+            "received_at": _iso(self.received_at),
+            "client_ip": self.client_ip,
+            "client_helo": self.client_helo,
+            "protocol": self.protocol,
+            "tls": self.tls,
+            "body_type": self.body_type,
+            "smtputf8": self.smtputf8,
+            "ret": self.ret,
+            "envid": self.envid,
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+
+
+@dataclass(frozen=True)
+class Claim:
+    recipient_id: int
+    message_id: str
+    address: str
+    domain: str
+    attempts: int
+    notify: str | None
+    orcpt: str | None
+
+
+@dataclass(frozen=True)
+class Result:
+    recipient_id: int
+    event: Event  # SUCCESS, TEMPFAIL or PERMFAIL
+    error: str | None = None
+    next_attempt_at: datetime | None = None  # for TEMPFAIL
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    domain: str
+    counts: dict[str, int]
+    oldest: datetime | None
+
+
+@dataclass(frozen=True)
+class Stats:
+    messages: int  # messages with at least one pending recipient
+    recipients: dict[str, int]  # per state, every state present
+    oldest: datetime | None
+    domains: list[DomainStats]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "recipients": self.recipients,
+            "oldest_received_at": _iso(self.oldest) if self.oldest else None,
+            "domains": [
+                {
+                    "domain": d.domain,
+                    "recipients": d.counts,
+                    "oldest_received_at": _iso(d.oldest) if d.oldest else None,
+                }
+                for d in self.domains
+            ],
+        }
+
+
+class UnknownMessage(LookupError):
+    def __init__(self, ids: Iterable[str]) -> None:
+        self.ids = sorted(ids)
+        super().__init__(f"no such message: {', '.join(self.ids)}")
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+_MESSAGE_COLUMNS = [c for c in messages.c if c.name != "body"]
+_PENDING = sorted(PENDING)
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._writer: GroupCommitWriter[NewMessage] = GroupCommitWriter(self._write_batch)
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(open_engine(url))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def start(self) -> None:
+        """Start the group-commit writer (only the receiver needs it)."""
+        self._writer.start()
+
+    async def close(self) -> None:
+        await self._writer.stop()
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ receive
+
+    async def enqueue(self, message: NewMessage) -> None:
+        await self._writer.submit(message)
+
+    async def _write_batch(self, batch: Sequence[NewMessage]) -> None:
+        now = utcnow()
+        message_rows: list[dict[str, Any]] = []
+        recipient_rows: list[dict[str, Any]] = []
+        for m in batch:
+            message_rows.append(
+                {
+                    "id": m.id,
+                    "sender": m.sender,
+                    "body": m.body.read(),
+                    "size": m.body.size,
+                    "sha256": m.body.sha256,
+                    "received_at": m.received_at,
+                    "client_ip": m.client_ip,
+                    "client_helo": m.client_helo,
+                    "protocol": m.protocol,
+                    "tls": m.tls,
+                    "body_type": m.body_type,
+                    "smtputf8": m.smtputf8,
+                    "dsn_ret": m.ret,
+                    "dsn_envid": m.envid,
+                    "session_id": m.session_id,
+                }
+            )
+            recipient_rows.extend(
+                {
+                    "message_id": m.id,
+                    "address": r.address,
+                    "domain": r.domain,
+                    "state": State.QUEUED.value,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "last_error": None,
+                    "lease_owner": None,
+                    "lease_until": None,
+                    "dsn_notify": r.notify,
+                    "dsn_orcpt": r.orcpt,
+                    "updated_at": now,
+                }
+                for r in m.recipients
+            )
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(messages), message_rows)
+            await conn.execute(insert(recipients), recipient_rows)
+
+    # ------------------------------------------------------------------ deliver
+
+    async def claim(
+        self, owner: str, limit: int, lease: timedelta, now: datetime | None = None
+    ) -> list[Claim]:
+        """Lease up to `limit` due recipients, oldest due first."""
+        now = now or utcnow()
+        due = (
+            select(recipients.c.id)
+            .where(
+                recipients.c.state.in_(sources(Event.CLAIM)), recipients.c.next_attempt_at <= now
+            )
+            .order_by(recipients.c.next_attempt_at)
+            .limit(limit)
+        )
+        values = {
+            "state": target(Event.CLAIM),
+            "lease_owner": owner,
+            "lease_until": now + lease,
+            "attempts": recipients.c.attempts + 1,
+            "updated_at": now,
+        }
+        returning = (
+            recipients.c.id,
+            recipients.c.message_id,
+            recipients.c.address,
+            recipients.c.domain,
+            recipients.c.attempts,
+            recipients.c.dsn_notify,
+            recipients.c.dsn_orcpt,
+        )
+        if self.dialect == "postgresql":
+            chosen = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+            statement = (
+                update(recipients)
+                .where(recipients.c.id == chosen.c.id)
+                .values(values)
+                .returning(*returning)
+            )
+        else:
+            statement = (
+                update(recipients)
+                .where(recipients.c.id.in_(due))
+                .values(values)
+                .returning(*returning)
+            )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
+
+    async def record(
+        self, owner: str, results: Sequence[Result], now: datetime | None = None
+    ) -> int:
+        """Apply delivery results to recipients this owner still holds; return rows changed."""
+        now = now or utcnow()
+        changed = 0
+        async with self.engine.begin() as conn:
+            for result in results:
+                values: dict[str, Any] = {
+                    "state": target(result.event),
+                    "last_error": result.error,
+                    "lease_owner": None,
+                    "lease_until": None,
+                    "updated_at": now,
+                }
+                if result.event is Event.TEMPFAIL:
+                    values["next_attempt_at"] = result.next_attempt_at or now
+                outcome = await conn.execute(
+                    update(recipients)
+                    .where(
+                        recipients.c.id == result.recipient_id,
+                        recipients.c.lease_owner == owner,
+                        recipients.c.state.in_(sources(result.event)),
+                    )
+                    .values(values)
+                )
+                changed += outcome.rowcount
+        return changed
+
+    async def release_expired_leases(self, now: datetime | None = None) -> int:
+        """sending rows whose lease ran out (their worker died) become queued again."""
+        now = now or utcnow()
+        return await self._transition(
+            Event.LEASE_EXPIRED,
+            recipients.c.lease_until < now,
+            now,
+            {"lease_owner": None, "lease_until": None},
+        )
+
+    async def release_leases(self, owner: str, now: datetime | None = None) -> int:
+        """Give back every lease `owner` holds (clean shutdown, or start-up after a crash)."""
+        now = now or utcnow()
+        return await self._transition(
+            Event.LEASE_EXPIRED,
+            recipients.c.lease_owner == owner,
+            now,
+            {"lease_owner": None, "lease_until": None},
+        )
+
+    # ------------------------------------------------------------------ admin
+
+    async def hold(self, ids: Sequence[str]) -> int:
+        return await self._admin_transition(ids, Event.HOLD, {})
+
+    async def release(self, ids: Sequence[str]) -> int:
+        return await self._admin_transition(ids, Event.RELEASE, {"next_attempt_at": utcnow()})
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        async with self.engine.begin() as conn:
+            await self._require(conn, ids)
+            await conn.execute(delete(recipients).where(recipients.c.message_id.in_(ids)))
+            outcome = await conn.execute(delete(messages).where(messages.c.id.in_(ids)))
+        return outcome.rowcount
+
+    async def _admin_transition(
+        self, ids: Sequence[str], event: Event, extra: dict[str, Any]
+    ) -> int:
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            await self._require(conn, ids)
+            outcome = await conn.execute(
+                update(recipients)
+                .where(recipients.c.message_id.in_(ids), recipients.c.state.in_(sources(event)))
+                .values(state=target(event), updated_at=now, **extra)
+            )
+        return outcome.rowcount
+
+    async def _transition(
+        self, event: Event, condition: Any, now: datetime, extra: dict[str, Any]
+    ) -> int:
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients)
+                .where(recipients.c.state.in_(sources(event)), condition)
+                .values(state=target(event), updated_at=now, **extra)
+            )
+        return outcome.rowcount
+
+    @staticmethod
+    async def _require(conn: AsyncConnection, ids: Sequence[str]) -> None:
+        found = set(
+            (await conn.execute(select(messages.c.id).where(messages.c.id.in_(ids)))).scalars()
+        )
+        missing = set(ids) - found
+        if missing:
+            raise UnknownMessage(missing)
+
+    # ------------------------------------------------------------------ reading
+
+    async def messages(
+        self, *, include_final: bool = False, domain: str | None = None, limit: int | None = None
+    ) -> list[MessageView]:
+        """Messages oldest first; by default only those with a recipient still pending."""
+        wanted = select(recipients.c.message_id)
+        if not include_final:
+            wanted = wanted.where(recipients.c.state.in_(_PENDING))
+        if domain:
+            wanted = wanted.where(recipients.c.domain == domain.lower())
+        query = (
+            select(*_MESSAGE_COLUMNS)
+            .where(messages.c.id.in_(wanted.distinct()))
+            .order_by(messages.c.received_at, messages.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            return await self._views(conn, rows)
+
+    async def message(self, message_id: str) -> MessageView:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(select(*_MESSAGE_COLUMNS).where(messages.c.id == message_id))
+            ).all()
+            if not rows:
+                raise UnknownMessage([message_id])
+            return (await self._views(conn, rows))[0]
+
+    async def body(self, message_id: str) -> bytes:
+        async with self.engine.connect() as conn:
+            body = (
+                await conn.execute(select(messages.c.body).where(messages.c.id == message_id))
+            ).scalar()
+        if body is None:
+            raise UnknownMessage([message_id])
+        return bytes(body)
+
+    async def _views(self, conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[MessageView]:
+        by_message: dict[str, list[RecipientView]] = {row.id: [] for row in rows}
+        ids = list(by_message)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            result = await conn.execute(
+                select(recipients)
+                .where(recipients.c.message_id.in_(chunk))
+                .order_by(recipients.c.id)
+            )
+            for r in result:
+                by_message[r.message_id].append(
+                    RecipientView(
+                        r.id,
+                        r.address,
+                        r.domain,
+                        r.state,
+                        r.attempts,
+                        r.next_attempt_at,
+                        r.last_error,
+                        r.dsn_notify,
+                        r.dsn_orcpt,
+                    )
+                )
+        return [
+            MessageView(
+                row.id,
+                row.sender,
+                row.size,
+                row.sha256,
+                row.received_at,
+                row.client_ip,
+                row.client_helo,
+                row.protocol,
+                row.tls,
+                row.body_type,
+                row.smtputf8,
+                row.dsn_ret,
+                row.dsn_envid,
+                by_message[row.id],
+            )
+            for row in rows
+        ]
+
+    async def stats(self) -> Stats:
+        per_domain = (
+            select(
+                recipients.c.domain,
+                recipients.c.state,
+                func.count(),
+                func.min(messages.c.received_at),
+            )
+            .join(messages, messages.c.id == recipients.c.message_id)
+            .where(recipients.c.state.in_(_PENDING))
+            .group_by(recipients.c.domain, recipients.c.state)
+        )
+        per_state = select(recipients.c.state, func.count()).group_by(recipients.c.state)
+        pending_messages = select(func.count(func.distinct(recipients.c.message_id))).where(
+            recipients.c.state.in_(_PENDING)
+        )
+        async with self.engine.connect() as conn:
+            domain_rows = (await conn.execute(per_domain)).all()
+            state_rows = (await conn.execute(per_state)).all()
+            message_count = (await conn.execute(pending_messages)).scalar() or 0
+        totals = {state.value: 0 for state in State}
+        totals.update({state: count for state, count in state_rows})
+        domains: dict[str, tuple[dict[str, int], datetime | None]] = {}
+        for domain, state, count, oldest in domain_rows:
+            counts, first = domains.setdefault(domain, ({s.value: 0 for s in PENDING}, None))
+            counts[state] = count
+            domains[domain] = (
+                counts,
+                oldest if first is None or (oldest and oldest < first) else first,
+            )
+        domain_stats = [DomainStats(d, c, o) for d, (c, o) in sorted(domains.items())]
+        oldest_values = [d.oldest for d in domain_stats if d.oldest]
+        return Stats(message_count, totals, min(oldest_values, default=None), domain_stats)

@@ -1,0 +1,90 @@
+"""Group commit: one writer task turns many sessions' messages into one transaction.
+
+Each session hands its message to `GroupCommitWriter.submit` and waits; the
+writer takes everything that is waiting (up to `max_batch` messages and
+`max_batch_bytes` of body), writes it in one transaction — one fsync for the
+batch — and only then resolves every session's wait.  So a session answers
+``250`` only after its message and all its recipients are durable (design.md
+invariant 1), and under load the cost of the fsync is shared.
+
+On failure every message of the batch gets the exception; nothing is retried
+here — the sessions answer 4xx and the clients retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+import structlog
+
+log = structlog.get_logger("backupmx.queue")
+
+
+class Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+T = TypeVar("T", bound=Sized)
+
+
+class GroupCommitWriter(Generic[T]):
+    def __init__(
+        self,
+        write_batch: Callable[[Sequence[T]], Awaitable[None]],
+        max_batch: int = 256,
+        max_batch_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self._write_batch = write_batch
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._waiting: asyncio.Queue[tuple[T, asyncio.Future[None]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def submit(self, item: T) -> None:
+        """Return once `item` is committed; raise what the commit raised."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the queue writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.put_nowait((item, future))
+        await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._waiting.get()]
+            size = batch[0][0].size
+            while (
+                not self._waiting.empty()
+                and len(batch) < self._max_batch
+                and size < self._max_batch_bytes
+            ):
+                batch.append(self._waiting.get_nowait())
+                size += batch[-1][0].size
+            try:
+                await self._write_batch([item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as error:
+                log.error("batch_write_failed", messages=len(batch), error=str(error))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)

@@ -1,0 +1,50 @@
+"""Our one header: the RFC 5321 §4.4 ``Received:`` trace field, prepended to every message.
+
+Protocol names follow RFC 3848 and RFC 6531 (ESMTP, ESMTPS, UTF8SMTP, UTF8SMTPS).
+``for <rcpt>`` is written only for a single recipient, as Postfix does, so that
+one message does not reveal its other recipients.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+
+
+@dataclass(frozen=True)
+class TraceFacts:
+    helo: str
+    client_ip: str
+    hostname: str
+    protocol: str
+    queue_id: str
+    tls: str | None  # "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+    single_recipient: str | None
+    date: datetime
+
+
+def protocol_name(extended: bool, tls: bool, smtputf8: bool) -> str:
+    base = "UTF8SMTP" if smtputf8 else "ESMTP" if extended else "SMTP"
+    return base + ("S" if tls else "")
+
+
+def _clean(text: str) -> str:
+    """Keep the HELO argument readable without letting it break the header."""
+    return re.sub(r"[^\x21-\x7e]", "?", text)[:255] or "unknown"
+
+
+def received_header(facts: TraceFacts) -> bytes:
+    lines = [
+        f"Received: from {_clean(facts.helo)} ([{facts.client_ip}])",
+        f"\tby {facts.hostname} (backupmx) with {facts.protocol} id {facts.queue_id}",
+    ]
+    if facts.tls:
+        lines.append(f"\t(using {facts.tls})")
+    when = format_datetime(facts.date)
+    if facts.single_recipient:
+        lines.append(f"\tfor <{facts.single_recipient}>; {when}")
+    else:
+        lines[-1] += f"; {when}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,505 @@
+"""One SMTP session: an aiosmtpd protocol subclass with backupmx's own command layer.
+
+aiosmtpd supplies the connection plumbing (transport, STARTTLS switch-over,
+idle timer).  Everything a client can see is decided here, because aiosmtpd's
+defaults are wrong for a backup MX (anchors.md): it answers permanent 500s to
+handler exceptions and long lines, upper-cases parameters, refuses DSN ones,
+accepts every RCPT, advertises AUTH after STARTTLS, has no connection limit and
+reads DATA line by line.
+
+Promises:
+
+* RCPT is accepted only for a backed-up domain (`RelayDomains`); nothing else
+  relays (design.md invariant 5).
+* ``250`` after DATA only once the queue store has committed the message
+  (invariant 1); any failure on the way answers 4xx — ``452 4.3.1`` when storage
+  is full, ``451 4.3.0`` otherwise — never 5xx, never 250.
+* Every reply carries an enhanced status code (RFC 2034), except the greeting
+  and the EHLO/HELO lines.
+* An exception in any command answers ``451 4.3.0`` and the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from backupmx.queue.database import storage_full
+from backupmx.queue.store import NewMessage, NewRecipient, new_queue_id, utcnow
+from backupmx.receive.address import Address, AddressError, parse_path
+from backupmx.receive.data import DataDecoder, count_received_headers
+from backupmx.receive.parameters import (
+    MailParameters,
+    RcptParameters,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
+from backupmx.receive.received import TraceFacts, protocol_name, received_header
+from backupmx.receive.spool import Spool
+
+if TYPE_CHECKING:
+    from backupmx.receive.listener import Listener, ReceivePolicy
+
+log = structlog.get_logger("backupmx.receive")
+
+MAX_COMMAND_LINE = 2048  # Postfix's line_length_limit; RFC 5321 §4.5.3.1.4 asks for 512+
+READ_CHUNK = 64 * 1024
+# The stream reader's limit also sets how much it buffers before pausing the
+# socket (twice this), so it is sized for bulk DATA reads, not for commands.
+READER_LIMIT = 64 * 1024
+
+
+@dataclass
+class Envelope:
+    sender: Address | None = None  # None with `started` means the null sender <>
+    started: bool = False
+    mail: MailParameters = field(default_factory=MailParameters)
+    recipients: list[tuple[Address, RcptParameters]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
+class Session(SMTP):
+    line_length_limit = READER_LIMIT
+
+    def __init__(self, listener: Listener) -> None:
+        policy = listener.policy
+        super().__init__(
+            None,
+            hostname=policy.hostname,
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            timeout=policy.limits.command_timeout,
+            tls_context=policy.tls_context,
+            loop=asyncio.get_running_loop(),
+        )
+        self.listener = listener
+        self.session_id = secrets.token_hex(6)
+        self.client_ip = ""
+        self.helo = ""
+        self.extended = False
+        self.tls: str | None = None
+        self.mail = Envelope()
+        self.errors = 0
+        self.in_data = False
+        self.refusal: str | None = None
+        self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "HELO": self.cmd_helo,
+            "EHLO": self.cmd_ehlo,
+            "MAIL": self.cmd_mail,
+            "RCPT": self.cmd_rcpt,
+            "DATA": self.cmd_data,
+            "RSET": self.cmd_rset,
+            "NOOP": self.cmd_noop,
+            "QUIT": self.cmd_quit,
+            "VRFY": self.cmd_vrfy,
+            "EXPN": self.cmd_expn,
+            "HELP": self.cmd_help,
+            "STARTTLS": self.cmd_starttls,
+        }
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        if first:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = str(peer[0]) if peer else "unknown"
+            self.refusal = self.listener.admit(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.listener.forget(self)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        self._write_now(b"421 4.4.2 " + self.hostname.encode() + b" Error: timeout exceeded\r\n")
+        log.info("session_timeout")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    @property
+    def policy(self) -> ReceivePolicy:
+        """Read per command, so a SIGHUP reload reaches sessions already open."""
+        return self.listener.policy
+
+    async def reply(self, text: str) -> None:
+        """Send one reply; 4xx/5xx replies count against the session's error limit."""
+        code = text[:3]
+        if code[0] in "45" and not text.startswith("452 4.5.3"):
+            self.errors += 1
+        await self.push(text)
+        if self.errors >= self.policy.limits.max_errors and self.transport is not None:
+            await self.push("421 4.7.0 Error: too many errors")
+            log.info("session_closed", reason="too many errors")
+            self.transport.close()
+
+    def close_with(self, text: str) -> None:
+        """Send a last reply without waiting for the client, and close."""
+        self._write_now(text.encode() + b"\r\n")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write_now(self, data: bytes) -> None:
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(data)
+
+    async def _handle_client(self) -> None:
+        structlog.contextvars.bind_contextvars(session=self.session_id, client=self.client_ip)
+        if self.refusal:
+            log.info("connection_refused", reason=self.refusal)
+            self.close_with(self.refusal)
+            return
+        log.info("connection_opened")
+        await self.push(f"220 {self.hostname} ESMTP backupmx")
+        while self.transport is not None:
+            if self.listener.draining:
+                self.close_with("421 4.3.2 Service shutting down, try again later")
+                return
+            line = await self._read_command()
+            if line is None:
+                continue
+            verb, _, arg = line.partition(" ")
+            try:
+                command = self._commands.get(verb.upper())
+                if command is None:
+                    await self.reply("502 5.5.2 Error: command not recognized")
+                    continue
+                self._reset_timeout()
+                await command(arg.strip(" "))
+            except (asyncio.CancelledError, ConnectionError):
+                raise
+            except TLSSetupException:
+                log.info("tls_failed")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            except Exception as error:
+                log.exception("command_failed", command=verb.upper(), error=str(error))
+                await self.reply("451 4.3.0 Error: internal error, try again later")
+
+    async def _read_command(self) -> str | None:
+        try:
+            raw = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            await self._discard_line(error.consumed)
+            await self.reply("500 5.5.2 Error: line too long")
+            return None
+        except asyncio.IncompleteReadError:
+            if self.transport is not None:
+                self.transport.close()
+            return None
+        if len(raw) > MAX_COMMAND_LINE:
+            await self.reply("500 5.5.2 Error: line too long")
+            return None
+        line = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+        if not line:
+            await self.reply("500 5.5.2 Error: bad syntax")
+            return None
+        return line
+
+    async def _discard_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as error:
+                await self._reader.readexactly(error.consumed)
+
+    # ------------------------------------------------------------------ commands
+
+    async def cmd_helo(self, arg: str) -> None:
+        if not arg:
+            await self.reply("501 5.5.4 Syntax: HELO hostname")
+            return
+        self.helo, self.extended, self.mail = arg, False, Envelope()
+        await self.push(f"250 {self.hostname}")
+
+    async def cmd_ehlo(self, arg: str) -> None:
+        if not arg:
+            await self.reply("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self.helo, self.extended, self.mail = arg, True, Envelope()
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.policy.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self.policy.tls_context is not None and self.tls is None:
+            lines.append("STARTTLS")
+        for line in lines[:-1]:
+            self._writer.write(f"250-{line}\r\n".encode())
+        await self.push(f"250 {lines[-1]}")
+
+    async def cmd_mail(self, arg: str) -> None:
+        if not self.helo:
+            await self.reply("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self.mail.started:
+            await self.reply("503 5.5.1 Error: nested MAIL command")
+            return
+        if arg[:5].upper() != "FROM:":
+            await self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            sender, rest = parse_path(arg[5:], allow_null=True, utf8=True)
+            if rest and not self.extended:
+                raise AddressError(
+                    "501 5.5.4 Syntax: MAIL FROM:<address> (no parameters after HELO)"
+                )
+            params = parse_mail_parameters(rest)
+            if sender is not None and not sender.is_ascii and not params.smtputf8:
+                raise AddressError("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+        except AddressError as error:
+            await self.reply(error.reply)
+            return
+        if params.size is not None and params.size > self.policy.limits.max_message_size:
+            await self.reply("552 5.3.4 Message size exceeds fixed limit")
+            return
+        self.mail = Envelope(sender=sender, started=True, mail=params)
+        await self.push("250 2.1.0 Ok")
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        if not self.mail.started:
+            await self.reply("503 5.5.1 Error: need MAIL command")
+            return
+        if arg[:3].upper() != "TO:":
+            await self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if len(self.mail.recipients) >= self.policy.limits.max_recipients:
+            await self.reply("452 4.5.3 Error: too many recipients")
+            return
+        try:
+            address, rest = parse_path(arg[3:], allow_null=False, utf8=self.mail.mail.smtputf8)
+            assert address is not None
+            if rest and not self.extended:
+                raise AddressError("501 5.5.4 Syntax: RCPT TO:<address> (no parameters after HELO)")
+            self.policy.relay_domains.check_recipient(address)
+            params = parse_rcpt_parameters(rest)
+        except AddressError as error:
+            log.info("recipient_rejected", recipient=arg[3:].strip(), reply=error.reply)
+            await self.reply(error.reply)
+            return
+        key = str(address).lower()
+        if key not in self.mail.seen:
+            self.mail.seen.add(key)
+            self.mail.recipients.append((address, params))
+        await self.push("250 2.1.5 Ok")
+
+    async def cmd_rset(self, arg: str) -> None:
+        self.mail = Envelope()
+        await self.push("250 2.0.0 Ok")
+
+    async def cmd_noop(self, arg: str) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def cmd_quit(self, arg: str) -> None:
+        await self.push("221 2.0.0 Bye")
+        if self.transport is not None:
+            self.transport.close()
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        # Postfix's disable_vrfy_command: a backup MX must not help address harvesting.
+        await self.reply("502 5.5.1 VRFY command is disabled")
+
+    async def cmd_expn(self, arg: str) -> None:
+        await self.reply("502 5.5.1 EXPN command is disabled")
+
+    async def cmd_help(self, arg: str) -> None:
+        await self.push("214 2.0.0 See RFC 5321")
+
+    async def cmd_starttls(self, arg: str) -> None:
+        context: ssl.SSLContext | None = self.policy.tls_context
+        if context is None:
+            await self.reply("502 5.5.1 Error: command not implemented")
+            return
+        if self.tls is not None:
+            await self.reply("503 5.5.1 Error: TLS already active")
+            return
+        if arg:
+            await self.reply("501 5.5.4 Syntax: STARTTLS")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        await self._start_tls(context)
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is not None:
+            name, _, bits = ssl_object.cipher()
+            self.tls = f"{ssl_object.version()} with cipher {name} ({bits}/{bits} bits)"
+        # RFC 3207 §4.2: forget everything learned before the handshake.
+        self.helo, self.mail = "", Envelope()
+        log.info("tls_started", tls=self.tls)
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        """aiosmtpd's transport switch-over, with our own 220 reply sent first."""
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop, self, context, waiter, server_side=True
+        )
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+
+    # ------------------------------------------------------------------ DATA
+
+    async def cmd_data(self, arg: str) -> None:
+        if not self.mail.started:
+            await self.reply("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.mail.recipients:
+            await self.reply("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.reply("501 5.5.4 Syntax: DATA")
+            return
+        self.in_data = True
+        try:
+            await self._receive_message()
+        finally:
+            self.in_data = False
+            self.mail = Envelope()
+
+    async def _receive_message(self) -> None:
+        limits = self.policy.limits
+        queue_id = new_queue_id()
+        structlog.contextvars.bind_contextvars(queue_id=queue_id)
+        try:
+            received_at = utcnow()
+            recipients = self.mail.recipients
+            header = received_header(
+                TraceFacts(
+                    helo=self.helo,
+                    client_ip=self.client_ip,
+                    hostname=self.hostname,
+                    protocol=protocol_name(
+                        self.extended, self.tls is not None, self.mail.mail.smtputf8
+                    ),
+                    queue_id=queue_id,
+                    tls=self.tls,
+                    single_recipient=str(recipients[0][0]) if len(recipients) == 1 else None,
+                    date=received_at,
+                )
+            )
+            spool = Spool()
+            spool_error: list[OSError] = []
+
+            def sink(block: bytes) -> None:
+                if spool_error:
+                    return
+                try:
+                    spool.write(block)
+                except OSError as error:
+                    spool_error.append(error)
+
+            sink(header)
+            decoder = DataDecoder(sink, limits.max_message_size, limits.bare_newline == "normalize")
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            if not await self._read_data(decoder):
+                spool.close()
+                return
+            reply = self._judge(decoder, spool, spool_error, len(header))
+            if reply is None:
+                reply = await self._enqueue(queue_id, spool, received_at)
+            spool.close()
+            await self.reply(reply)
+        finally:
+            structlog.contextvars.unbind_contextvars("queue_id")
+
+    async def _read_data(self, decoder: DataDecoder) -> bool:
+        """Feed the socket to `decoder` until the end of data; False if the client went away."""
+        limits = self.policy.limits
+        deadline = self.loop.time() + limits.data_timeout
+        reader = self._reader
+        while not decoder.done:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                log.info("data_timeout")
+                self.close_with("421 4.4.2 Error: timeout exceeded")
+                return False
+            self._reset_timeout(min(limits.command_timeout, remaining))
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                return False
+            used = decoder.feed(chunk)
+            if used < len(chunk):
+                # Pipelined commands after the final dot go back to the reader.
+                reader._buffer[0:0] = chunk[used:]  # type: ignore[attr-defined]
+        self._reset_timeout()
+        return True
+
+    def _judge(
+        self, decoder: DataDecoder, spool: Spool, spool_error: list[OSError], ours: int
+    ) -> str | None:
+        """The reply for a message that must not be queued, or None to queue it."""
+        limits = self.policy.limits
+        if decoder.too_big:
+            log.info("message_rejected", reason="too big", size=decoder.size)
+            return "552 5.3.4 Error: message size exceeds fixed limit"
+        if decoder.bare_newline and limits.bare_newline == "reject":
+            log.info("message_rejected", reason="bare CR or LF")
+            return "550 5.6.0 Error: bare CR or LF in message (see RFC 5321 §2.3.8)"
+        if spool_error:
+            log.error("spool_failed", error=str(spool_error[0]))
+            if storage_full(spool_error[0]):
+                return "452 4.3.1 Error: insufficient system storage"
+            return "451 4.3.0 Error: local error in processing"
+        hops = count_received_headers(bytes(spool.head[ours:]))
+        if hops > limits.max_received_headers:
+            log.info("message_rejected", reason="mail loop", received_headers=hops)
+            return "554 5.4.6 Error: too many hops (mail loop?)"
+        return None
+
+    async def _enqueue(self, queue_id: str, spool: Spool, received_at: Any) -> str:
+        mail = self.mail
+        message = NewMessage(
+            id=queue_id,
+            sender=str(mail.sender) if mail.sender else "",
+            recipients=[
+                NewRecipient(str(a), a.routing_domain, p.notify, p.orcpt)
+                for a, p in mail.recipients
+            ],
+            body=spool,
+            client_ip=self.client_ip,
+            client_helo=self.helo,
+            protocol=protocol_name(self.extended, self.tls is not None, mail.mail.smtputf8),
+            session_id=self.session_id,
+            tls=self.tls,
+            body_type=mail.mail.body,
+            smtputf8=mail.mail.smtputf8,
+            ret=mail.mail.ret,
+            envid=mail.mail.envid,
+            received_at=received_at,
+        )
+        try:
+            await self.listener.store.enqueue(message)
+        except Exception as error:
+            full = storage_full(error)
+            log.error("enqueue_failed", error=str(error), storage_full=full)
+            if full:
+                return "452 4.3.1 Error: insufficient system storage"
+            return "451 4.3.0 Error: queue file write error, try again later"
+        log.info(
+            "message_accepted",
+            sender=message.sender,
+            size=spool.size,
+            rcpts=len(message.recipients),
+        )
+        return f"250 2.0.0 Ok: queued as {queue_id}"
