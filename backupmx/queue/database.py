@@ -18,31 +18,48 @@ import errno
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_SYNC_DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg"}
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
-def async_url(url: str) -> str:
-    """Pick the asyncio driver for a plain sqlite:// or postgresql:// URL."""
+def driver_url(url: str, drivers: dict[str, str]) -> str:
+    """Pick our driver for a plain sqlite:// or postgresql:// URL."""
     parsed = make_url(url)
-    driver = _DRIVERS.get(parsed.get_backend_name())
+    driver = drivers.get(parsed.get_backend_name())
     if driver is None:
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r}")
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
 def open_engine(url: str) -> AsyncEngine:
-    full = async_url(url)
+    """The asyncio engine every stage uses (aiosqlite or psycopg's async mode)."""
+    full = driver_url(url, _ASYNC_DRIVERS)
     if full.startswith("sqlite"):
         engine = create_async_engine(full, pool_size=4, max_overflow=4)
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
+        _setup_sqlite(engine.sync_engine)
         return engine
     return create_async_engine(full, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def open_writer_engine(url: str) -> Engine:
+    """A plain engine for the group-commit thread: one hop to the thread per batch
+    instead of one per statement (aiosqlite), which measured 3x the batch latency."""
+    full = driver_url(url, _SYNC_DRIVERS)
+    if full.startswith("sqlite"):
+        engine = create_engine(full, pool_size=1, max_overflow=0)
+        _setup_sqlite(engine)
+        return engine
+    return create_engine(full, pool_size=1, max_overflow=0, pool_pre_ping=True)
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_begin_immediate)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -18,18 +18,20 @@ Admin operations on unknown queue ids raise `UnknownMessage` naming them.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from backupmx.queue.database import open_engine
+from backupmx.queue.database import open_engine, open_writer_engine
 from backupmx.queue.models import messages, recipients
 from backupmx.queue.state import PENDING, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
@@ -209,13 +211,16 @@ _PENDING = sorted(PENDING)
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = open_engine(url)
         self._writer: GroupCommitWriter[NewMessage] = GroupCommitWriter(self._write_batch)
+        self._writer_engine: Engine | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(cls, url: str) -> Store:
-        return cls(open_engine(url))
+        return cls(url)
 
     @property
     def dialect(self) -> str:
@@ -223,10 +228,16 @@ class Store:
 
     def start(self) -> None:
         """Start the group-commit writer (only the receiver needs it)."""
+        self._writer_engine = open_writer_engine(self.url)
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         self._writer.start()
 
     async def close(self) -> None:
         await self._writer.stop()
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
+        if self._writer_engine is not None:
+            self._writer_engine.dispose()
         await self.engine.dispose()
 
     # ------------------------------------------------------------------ receive
@@ -235,6 +246,12 @@ class Store:
         await self._writer.submit(message)
 
     async def _write_batch(self, batch: Sequence[NewMessage]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_thread, self._write_batch_now, batch)
+
+    def _write_batch_now(self, batch: Sequence[NewMessage]) -> None:
+        """In the writer thread: read the spooled bodies, insert, commit (one fsync)."""
+        assert self._writer_engine is not None
         now = utcnow()
         message_rows: list[dict[str, Any]] = []
         recipient_rows: list[dict[str, Any]] = []
@@ -275,9 +292,9 @@ class Store:
                 }
                 for r in m.recipients
             )
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(messages), message_rows)
-            await conn.execute(insert(recipients), recipient_rows)
+        with self._writer_engine.begin() as conn:
+            conn.execute(insert(messages), message_rows)
+            conn.execute(insert(recipients), recipient_rows)
 
     # ------------------------------------------------------------------ deliver
 

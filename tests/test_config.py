@@ -1,0 +1,64 @@
+"""Configuration: typed values, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backupmx.config import ConfigError, load, parse_duration, parse_host_port, parse_size
+
+
+def test_durations_and_sizes() -> None:
+    assert (
+        parse_duration("30s") == 30
+        and parse_duration("5m") == 300
+        and parse_duration("5d") == 432000
+    )
+    assert (
+        parse_size("50MiB") == 50 * 1024**2
+        and parse_size("10MB") == 10**7
+        and parse_size(65536) == 65536
+    )
+
+
+def test_host_port_forms() -> None:
+    assert str(parse_host_port("[::1]:25")) == "[::1]:25"
+    assert parse_host_port("mx1.example.test", default_port=25).port == 25
+
+
+def test_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'hostname = "mx2.example.net"\nlisten = ["127.0.0.1:2525"]\n'
+        '[limits]\nmax_message_size = "20MiB"\ncommand_timeout = "1m"\n'
+        '[[domain]]\nname = "example.com"\nprimary = ["10.0.0.5:2525"]\n'
+    )
+    config = load(path, {"database": "sqlite:///x.db"})
+    assert config.limits.max_message_size == 20 * 1024**2
+    assert config.limits.command_timeout == 60
+    assert config.domain[0].primary == ("10.0.0.5:2525",)
+    assert config.database == "sqlite:///x.db"
+    assert config.limits.max_recipients == 1000  # default
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("bogus = 1", "bogus"),
+        ('[limits]\nmax_message_size = "10XB"', "limits.max_message_size"),
+        ('[limits]\ncommand_timeout = "soon"', "limits.command_timeout"),
+        ('listen = ["127.0.0.1"]', "listen[0]"),
+        ('[limits]\nbare_newline = "ignore"', "limits.bare_newline"),
+        ('[[domain]]\nname = "bad domain"', "domain[0].name"),
+        ('[[domain]]\nname = "a.test"\nprimary = ["host:99999"]', "domain[0].primary[0]"),
+        ('[[domain]]\nprimary = ["host"]', "domain[0].name"),
+        ('database = "mysql://x"', "database"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert error.value.key == key

@@ -1,0 +1,89 @@
+"""DataDecoder: end of data only at <CRLF>.<CRLF>, dot-unstuffing, bare CR/LF policy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from backupmx.receive.data import DataDecoder, count_received_headers
+
+
+def decode(stream: bytes, *, normalize: bool = True, max_size: int = 10**9, chunk: int = 0):
+    out: list[bytes] = []
+    decoder = DataDecoder(out.append, max_size, normalize)
+    used = 0
+    pieces = (
+        [stream] if not chunk else [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
+    )
+    for piece in pieces:
+        used += decoder.feed(piece)
+        if decoder.done:
+            break
+    return b"".join(out), decoder, used
+
+
+def test_ends_only_at_crlf_dot_crlf_and_returns_what_follows() -> None:
+    body, decoder, used = decode(b"Subject: a\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert decoder.done
+    assert body == b"Subject: a\r\n\r\nhello\r\n"
+    assert used == len(b"Subject: a\r\n\r\nhello\r\n.\r\n")
+
+
+def test_empty_message() -> None:
+    body, decoder, used = decode(b".\r\nQUIT\r\n")
+    assert decoder.done and body == b"" and used == 3
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n", b"\r.\n", b"\r\n\x00.\r\n"],
+)
+def test_smuggling_variants_do_not_end_data(variant: bytes) -> None:
+    stream = b"a" + variant + b"MAIL FROM:<evil@x>\r\n" + b"\r\n.\r\n"
+    body, decoder, _ = decode(stream)
+    assert decoder.done
+    assert b"MAIL FROM:<evil@x>" in body
+    stripped = body.replace(b"\r\n", b"")
+    assert b"\r" not in stripped and b"\n" not in stripped
+
+
+def test_bare_newlines_are_noted_when_rejecting() -> None:
+    _, decoder, _ = decode(b"a\nb\r\n.\r\n", normalize=False)
+    assert decoder.bare_newline
+
+
+def test_clean_crlf_message_has_no_bare_newline() -> None:
+    _, decoder, _ = decode(b"a\r\nb\r\n.\r\n")
+    assert not decoder.bare_newline
+
+
+def test_dot_unstuffing() -> None:
+    body, _, _ = decode(b"..\r\n..foo\r\n.bar\r\nx.\r\n.\r\n")
+    assert body == b".\r\n.foo\r\nbar\r\nx.\r\n"
+
+
+def test_long_lines_are_kept() -> None:
+    line = b"x" * 70000
+    body, decoder, _ = decode(line + b"\r\n.\r\n", chunk=4096)
+    assert decoder.done and body == line + b"\r\n"
+
+
+def test_too_big_is_reported_after_the_end() -> None:
+    _, decoder, _ = decode(b"x" * 5000 + b"\r\n.\r\nNOOP\r\n", max_size=1000, chunk=100)
+    assert decoder.done and decoder.too_big
+
+
+def test_any_chunking_gives_the_same_result() -> None:
+    rng = random.Random(5321)
+    alphabet = [b"a", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b".."]
+    for _ in range(300):
+        stream = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) + b"\r\n.\r\n"
+        whole = decode(stream)
+        for chunk in (1, 2, 3, 7):
+            assert decode(stream, chunk=chunk)[0] == whole[0], stream
+
+
+def test_received_headers_counted_in_header_section_only() -> None:
+    head = b"Received: a\r\nreceived : b\r\nSubject: x\r\n\r\nReceived: in body\r\n"
+    assert count_received_headers(head) == 2

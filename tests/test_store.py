@@ -1,0 +1,211 @@
+"""The queue store against both backends: SQLite and a real PostgreSQL at 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import MetaData
+
+from backupmx.queue.database import upgrade
+from backupmx.queue.models import metadata
+from backupmx.queue.state import Event
+from backupmx.queue.store import (
+    NewMessage,
+    NewRecipient,
+    Result,
+    Store,
+    UnknownMessage,
+    new_queue_id,
+    utcnow,
+)
+from backupmx.queue.writer import GroupCommitWriter
+from backupmx.receive.spool import Spool
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = Store.open(database_url)
+    await upgrade(opened.engine)
+    opened.start()
+    yield opened
+    await opened.close()
+
+
+def message(*addresses: str, body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> NewMessage:
+    spool = Spool()
+    spool.write(body)
+    return NewMessage(
+        id=new_queue_id(),
+        sender="s@sender.test",
+        recipients=[
+            NewRecipient(a, a.rpartition("@")[2], "SUCCESS,FAILURE", f"rfc822;{a}")
+            for a in addresses
+        ],
+        body=spool,
+        client_ip="127.0.0.1",
+        client_helo="client.test",
+        protocol="ESMTP",
+        session_id="t",
+    )
+
+
+async def test_enqueue_commits_message_and_all_recipients(store: Store) -> None:
+    m = message("a@example.test", "b@example.test", body=b"x" * 3_000_000 + b"\r\n")
+    await store.enqueue(m)
+    view = await store.message(m.id)
+    assert [r.address for r in view.recipients] == ["a@example.test", "b@example.test"]
+    assert {r.state for r in view.recipients} == {"queued"}
+    assert view.recipients[0].orcpt == "rfc822;a@example.test"
+    assert await store.body(m.id) == b"x" * 3_000_000 + b"\r\n"
+
+
+async def test_concurrent_enqueues_all_land(store: Store) -> None:
+    batch = [message(f"u{i}@example.test") for i in range(200)]
+    await asyncio.gather(*(store.enqueue(m) for m in batch))
+    assert (await store.stats()).messages == 200
+
+
+async def test_claim_leases_each_recipient_once(store: Store, database_url: str) -> None:
+    for i in range(30):
+        await store.enqueue(message(f"u{i}@example.test"))
+    other = Store.open(database_url)
+    try:
+        first, second = await asyncio.gather(
+            store.claim("node-a", 20, timedelta(minutes=5)),
+            other.claim("node-b", 20, timedelta(minutes=5)),
+        )
+    finally:
+        await other.close()
+    ids_a = {c.recipient_id for c in first}
+    ids_b = {c.recipient_id for c in second}
+    assert len(first) <= 20 and len(second) <= 20
+    assert not ids_a & ids_b
+    assert len(ids_a | ids_b) == 30
+    assert all(c.attempts == 1 for c in first)
+    assert await store.claim("node-c", 10, timedelta(minutes=5)) == []
+
+
+async def test_results_apply_only_for_the_lease_owner(store: Store) -> None:
+    await store.enqueue(message("a@example.test", "b@example.test", "c@example.test"))
+    claims = await store.claim("node-a", 10, timedelta(minutes=5))
+    a, b, c = claims
+    later = utcnow() + timedelta(minutes=10)
+    assert await store.record("node-b", [Result(a.recipient_id, Event.SUCCESS)]) == 0
+    changed = await store.record(
+        "node-a",
+        [
+            Result(a.recipient_id, Event.SUCCESS),
+            Result(b.recipient_id, Event.TEMPFAIL, "451 4.3.0 try later", later),
+            Result(c.recipient_id, Event.PERMFAIL, "550 5.1.1 unknown"),
+        ],
+    )
+    assert changed == 3
+    view = await store.message(a.message_id)
+    assert [r.state for r in view.recipients] == ["delivered", "queued", "bounced"]
+    assert view.recipients[1].last_error == "451 4.3.0 try later"
+    assert await store.claim("node-a", 10, timedelta(minutes=5)) == []  # b is not due yet
+    assert len(await store.claim("node-a", 10, timedelta(minutes=5), now=later)) == 1
+
+
+async def test_expired_leases_return_to_the_queue(store: Store) -> None:
+    await store.enqueue(message("a@example.test"))
+    now = utcnow()
+    assert len(await store.claim("dead-node", 10, timedelta(seconds=30), now=now)) == 1
+    assert await store.release_expired_leases(now + timedelta(seconds=10)) == 0
+    assert await store.release_expired_leases(now + timedelta(seconds=31)) == 1
+    (claim,) = await store.claim(
+        "node-b", 10, timedelta(seconds=30), now=now + timedelta(seconds=32)
+    )
+    assert claim.attempts == 2
+
+
+async def test_own_leases_are_released_at_start_up(store: Store) -> None:
+    await store.enqueue(message("a@example.test"))
+    await store.claim("this-node", 10, timedelta(hours=1))
+    assert await store.release_leases("other-node") == 0
+    assert await store.release_leases("this-node") == 1
+
+
+async def test_hold_release_delete(store: Store) -> None:
+    m = message("a@example.test")
+    await store.enqueue(m)
+    assert await store.hold([m.id]) == 1
+    assert await store.claim("n", 10, timedelta(minutes=1)) == []
+    assert (await store.stats()).recipients["held"] == 1
+    assert await store.release([m.id]) == 1
+    assert await store.delete([m.id]) == 1
+    assert await store.messages(include_final=True) == []
+    with pytest.raises(UnknownMessage) as error:
+        await store.hold([m.id, "NOPE"])
+    assert "NOPE" in str(error.value)
+
+
+async def test_listing_filters_and_stats(store: Store) -> None:
+    await store.enqueue(message("a@example.test"))
+    done = message("b@example.org")
+    await store.enqueue(done)
+    claims = await store.claim("n", 10, timedelta(minutes=1))
+    org = next(c for c in claims if c.domain == "example.org")
+    await store.record("n", [Result(org.recipient_id, Event.SUCCESS)])
+    assert len(await store.messages()) == 1
+    assert len(await store.messages(include_final=True)) == 2
+    assert [m.recipients[0].domain for m in await store.messages(domain="example.test")] == [
+        "example.test"
+    ]
+    stats = await store.stats()
+    assert stats.messages == 1 and stats.recipients["delivered"] == 1
+    assert [d.domain for d in stats.domains] == ["example.test"]
+    assert stats.oldest is not None and stats.oldest.tzinfo is not None
+
+
+async def test_migration_creates_the_models(store: Store) -> None:
+    def reflect(connection: object) -> MetaData:
+        reflected = MetaData()
+        reflected.reflect(bind=connection)  # type: ignore[arg-type]
+        return reflected
+
+    async with store.engine.connect() as conn:
+        reflected = await conn.run_sync(reflect)
+    for table in metadata.sorted_tables:
+        columns = {c.name for c in reflected.tables[table.name].columns}
+        assert columns == {c.name for c in table.columns}
+        assert {i.name for i in reflected.tables[table.name].indexes} == {
+            i.name for i in table.indexes
+        }
+
+
+async def test_group_commit_batches_concurrent_sessions() -> None:
+    batches: list[int] = []
+
+    async def write(batch: object) -> None:
+        batches.append(len(batch))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+
+    class Item:
+        size = 10
+
+    writer: GroupCommitWriter[Item] = GroupCommitWriter(write)
+    writer.start()
+    await asyncio.gather(*(writer.submit(Item()) for _ in range(100)))
+    await writer.stop()
+    assert sum(batches) == 100
+    assert len(batches) < 10
+
+
+async def test_group_commit_failure_reaches_every_waiting_session() -> None:
+    async def write(batch: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    class Item:
+        size = 10
+
+    writer: GroupCommitWriter[Item] = GroupCommitWriter(write)
+    writer.start()
+    results = await asyncio.gather(
+        *(writer.submit(Item()) for _ in range(5)), return_exceptions=True
+    )
+    await writer.stop()
+    assert all(isinstance(r, OSError) for r in results)
