@@ -210,10 +210,7 @@ class BackupMXServer:
                 start_new_session=True,  # own process group: killpg() reaches workers
             )
         proc = self._proc
-        try:
-            wait_for_port("127.0.0.1", self.port, self.timeout, alive=lambda: proc.poll() is None)
-        except ServerError as exc:
-            raise ServerError(f"{exc}\n{self.log_tail()}") from exc
+        wait_for_port("127.0.0.1", self.port, self.timeout, alive=lambda: proc.poll() is None)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -405,7 +402,7 @@ def measure(
                 reuse=opts.reuse,
             )
             rss = server.peak_rss_kib()
-        except BaseException:
+        except Exception:
             print(server.log_tail(), file=sys.stderr)
             raise
         finally:
@@ -575,7 +572,8 @@ def filesystem_of(path: str) -> str:
     return f"{fstype} ({best})"
 
 
-def machine_info(opts: Options) -> list[str]:
+def machine_info(opts: Options, load_before: float) -> list[str]:
+    """Lines describing the machine and the set-up, for the report."""
     model = "?"
     try:
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
@@ -595,6 +593,8 @@ def machine_info(opts: Options) -> list[str]:
             if opts.reuse
             else "one connection per message"
         ),
+        f"load avg:   {load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after (1 min); "
+        "other work on the machine distorts the figures",
     ]
 
 
@@ -602,14 +602,16 @@ def median_rate(runs: list[Measurement]) -> float | None:
     return statistics.median(m.rate for m in runs) if runs else None
 
 
-def report(opts: Options, results: list[Measurement], memory: Measurement | None) -> str:
+def report(
+    opts: Options, info: list[str], results: list[Measurement], memory: Measurement | None
+) -> str:
     lines = [
         "",
         "Durable accept throughput, backup MX for example.test "
         f"(primary {PRIMARY_HOST}:{PRIMARY_PORT} refuses connections)",
         "",
     ]
-    lines += [*machine_info(opts), ""]
+    lines += [*info, ""]
     header = (
         f"{'size':>7} {'sessions':>8} {'messages':>8} {'postfix msg/s':>14} "
         f"{'backupmx msg/s':>15} {'ratio':>6} {'target':>7} {'':4} {'backupmx peak RSS':>17}"
@@ -644,7 +646,7 @@ def report(opts: Options, results: list[Measurement], memory: Measurement | None
         verdict = "ok" if memory.peak_rss_kib and rss_mib < MEMORY_TARGET_MIB else "FAIL"
         lines += [
             "",
-            f"memory: {MEMORY_SESSIONS} sessions x 1 {fmt_size(MEMORY_SIZE)} message: "
+            f"memory: {MEMORY_SESSIONS} sessions x one {fmt_size(MEMORY_SIZE)} message: "
             f"backupmx peak RSS {fmt_mib(memory.peak_rss_kib)} "
             f"(target < {MEMORY_TARGET_MIB} MiB) {verdict}; "
             f"{memory.accepted}/{memory.messages} held in {memory.elapsed:.1f} s"
@@ -705,42 +707,61 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_all(
+    opts: Options, factories: dict[str, ServerFactory]
+) -> tuple[list[Measurement], Measurement | None]:
+    """The throughput matrix, then the memory test."""
+    results: list[Measurement] = []
+    for size in opts.sizes:
+        for sessions in opts.sessions:
+            for _ in range(opts.repeat):
+                # Interleave the servers so slow drift affects both alike.
+                for name in opts.servers:
+                    results.append(
+                        measure(
+                            factories[name],
+                            size=size,
+                            sessions=sessions,
+                            messages=opts.messages_for(sessions),
+                            opts=opts,
+                        )
+                    )
+    memory = None
+    if opts.memory:
+        memory = measure(
+            factories["backupmx"],
+            size=MEMORY_SIZE,
+            sessions=MEMORY_SESSIONS,
+            messages=MEMORY_SESSIONS,
+            opts=opts,
+        )
+    return results, memory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     check_tools(opts)
     check_primary_closed()
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5 * len(os.sched_getaffinity(0)):
+        print(
+            f"warning: load average is {load_before:.2f}; the figures will be noisy",
+            file=sys.stderr,
+        )
     factories = make_factories(opts)
-    results: list[Measurement] = []
-    memory: Measurement | None = None
     with sigterm_as_exit():
-        for size in opts.sizes:
-            for sessions in opts.sessions:
-                for _ in range(opts.repeat):
-                    # Interleave the servers so slow drift affects both alike.
-                    for name in opts.servers:
-                        results.append(
-                            measure(
-                                factories[name],
-                                size=size,
-                                sessions=sessions,
-                                messages=opts.messages_for(sessions),
-                                opts=opts,
-                            )
-                        )
-        if opts.memory:
-            memory = measure(
-                factories["backupmx"],
-                size=MEMORY_SIZE,
-                sessions=MEMORY_SESSIONS,
-                messages=MEMORY_SESSIONS,
-                opts=opts,
-            )
-    print(report(opts, results, memory))
+        try:
+            results, memory = run_all(opts, factories)
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    info = machine_info(opts, load_before)
+    print(report(opts, info, results, memory))
     if opts.json_path is not None:
         opts.json_path.write_text(
             json.dumps(
                 {
-                    "machine": machine_info(opts),
+                    "machine": info,
                     "runs": [asdict(m) | {"rate": m.rate} for m in results],
                     "memory": None if memory is None else asdict(memory) | {"rate": memory.rate},
                 },

@@ -18,7 +18,7 @@ fi
 echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
 as_root apt-get update -q
 as_root apt-get install -y -q --no-install-recommends \
-  postfix swaks python3-venv postgresql postgresql-client >/dev/null
+  postfix swaks dnsmasq-base python3-venv postgresql postgresql-client >/dev/null
 
 # --- PostgreSQL --------------------------------------------------------------------
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

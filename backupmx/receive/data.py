@@ -49,6 +49,8 @@ class DataDecoder:
         if end >= 0:
             used = len(chunk) - (len(self._pending) - end - len(END_OF_DATA))
             self.size += used
+            if self.size > self._max_size:
+                self.too_big = True
             self._decode(end)
             self._emit_last_line()
             self.done = True

@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import ssl
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import structlog
 
@@ -35,6 +37,14 @@ class ReceivePolicy:
     relay_domains: RelayDomains
     limits: Limits
     tls_context: ssl.SSLContext | None
+    etrn_clients: tuple[IPv4Network | IPv6Network, ...] = ()
+
+    def may_etrn(self, client_ip: str) -> bool:
+        try:
+            address = ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.etrn_clients)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
@@ -53,13 +63,20 @@ def policy_from(config: Config) -> ReceivePolicy:
         relay_domains=RelayDomains(d.name for d in config.domain),
         limits=config.limits,
         tls_context=tls_context(config.tls.cert, config.tls.key),
+        etrn_clients=tuple(ip_network(n, strict=False) for n in config.etrn_clients),
     )
 
 
 class Listener:
-    def __init__(self, policy: ReceivePolicy, store: Store) -> None:
+    def __init__(
+        self,
+        policy: ReceivePolicy,
+        store: Store,
+        etrn: Callable[[str], Awaitable[int]] | None = None,
+    ) -> None:
         self.policy = policy
         self.store = store
+        self.etrn = etrn  # make a domain's queued mail due now; returns how many recipients
         self.draining = False
         self.sessions: set[Session] = set()
         self._per_ip: Counter[str] = Counter()

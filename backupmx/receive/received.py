@@ -36,8 +36,9 @@ def _clean(text: str) -> str:
 
 
 def received_header(facts: TraceFacts) -> bytes:
+    client = f"IPv6:{facts.client_ip}" if ":" in facts.client_ip else facts.client_ip
     lines = [
-        f"Received: from {_clean(facts.helo)} ([{facts.client_ip}])",
+        f"Received: from {_clean(facts.helo)} ([{client}])",
         f"\tby {facts.hostname} (backupmx) with {facts.protocol} id {facts.queue_id}",
     ]
     if facts.tls:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from backupmx.config import normalize_domain
 from backupmx.queue.database import storage_full
 from backupmx.queue.store import NewMessage, NewRecipient, new_queue_id, utcnow
 from backupmx.receive.address import Address, AddressError, parse_path
@@ -115,6 +116,7 @@ class Session(SMTP):
             "QUIT": self.cmd_quit,
             "VRFY": self.cmd_vrfy,
             "EXPN": self.cmd_expn,
+            "ETRN": self.cmd_etrn,
             "HELP": self.cmd_help,
             "STARTTLS": self.cmd_starttls,
         }
@@ -128,6 +130,12 @@ class Session(SMTP):
             self.client_ip = str(peer[0]) if peer else "unknown"
             self.refusal = self.listener.admit(self)
         super().connection_made(transport)
+
+    def eof_received(self) -> bool:
+        # aiosmtpd returns True here, leaving the socket half-open (CLOSE_WAIT) and the
+        # connection slot taken until the idle timeout; a client that left is gone.
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         self.listener.forget(self)
@@ -252,6 +260,8 @@ class Session(SMTP):
         ]
         if self.policy.tls_context is not None and self.tls is None:
             lines.append("STARTTLS")
+        if self.listener.etrn is not None and self.policy.may_etrn(self.client_ip):
+            lines.append("ETRN")
         for line in lines[:-1]:
             self._writer.write(f"250-{line}\r\n".encode())
         await self.push(f"250 {lines[-1]}")
@@ -305,7 +315,8 @@ class Session(SMTP):
             log.info("recipient_rejected", recipient=arg[3:].strip(), reply=error.reply)
             await self.reply(error.reply)
             return
-        key = str(address).lower()
+        # Local parts are case-sensitive (RFC 5321 §2.4); only the domain is folded.
+        key = f"{address.local}@{address.routing_domain}"
         if key not in self.mail.seen:
             self.mail.seen.add(key)
             self.mail.recipients.append((address, params))
@@ -329,6 +340,26 @@ class Session(SMTP):
 
     async def cmd_expn(self, arg: str) -> None:
         await self.reply("502 5.5.1 EXPN command is disabled")
+
+    async def cmd_etrn(self, arg: str) -> None:
+        """RFC 1985: an allowed client (the primary, back up) asks for its mail now."""
+        if self.listener.etrn is None or not self.policy.may_etrn(self.client_ip):
+            await self.reply("459 4.7.1 Error: ETRN not allowed from this client")
+            return
+        if self.mail.started:
+            await self.reply("503 5.5.1 Error: ETRN not allowed inside a mail transaction")
+            return
+        try:
+            domain = normalize_domain(arg.removeprefix("@").removeprefix("#"))
+        except ValueError:
+            await self.reply("501 5.5.4 Syntax: ETRN domain")
+            return
+        if not self.policy.relay_domains.covers(domain):
+            await self.reply(f"458 4.7.1 Error: unable to queue messages for {domain}")
+            return
+        due = await self.listener.etrn(domain)
+        log.info("etrn", domain=domain, recipients=due)
+        await self.push(f"250 2.0.0 Queuing for node {domain} started")
 
     async def cmd_help(self, arg: str) -> None:
         await self.push("214 2.0.0 See RFC 5321")
