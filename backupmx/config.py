@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import idna
+
 DEFAULT_CONFIG_PATH = Path("/etc/backupmx/backupmx.toml")
 DEFAULT_DATABASE = "sqlite:///backupmx.db"  # ./backupmx.db, the quick-start default
 
@@ -127,10 +129,13 @@ _DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 def normalize_domain(name: str) -> str:
     """Lower-case, IDNA-encoded, trailing dot removed; raises ValueError if not a domain."""
     text = name.strip().rstrip(".").lower()
-    try:
-        text = text.encode("idna").decode("ascii")
-    except UnicodeError as error:
-        raise ValueError(f"{name!r} is not a domain name") from error
+    if not text.isascii():
+        # IDNA 2008 with UTS #46 mapping, not Python's IDNA 2003 codec, which maps
+        # "straße" to "strasse" and drops joiners: two names must not become one.
+        try:
+            text = idna.encode(text, uts46=True, transitional=False).decode("ascii")
+        except idna.IDNAError as error:
+            raise ValueError(f"{name!r} is not a domain name") from error
     labels = text.split(".")
     if len(text) > 253 or len(labels) < 1 or not all(_DOMAIN_LABEL.fullmatch(x) for x in labels):
         raise ValueError(f"{name!r} is not a domain name")
@@ -168,6 +173,38 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    port: int = 25  # the primaries' SMTP port (a static primary may name its own)
+    # Postfix's minimal/maximal_backoff_time.  Probes, not backoff, decide when a
+    # primary that was down is tried again; backoff only paces recipients that a
+    # reachable primary deferred.
+    retry_min: Annotated[float, Duration] = 300.0
+    retry_max: Annotated[float, Duration] = 4000.0
+    # Postfix's maximal_queue_lifetime; backup operators often raise it.
+    max_queue_lifetime: Annotated[float, Duration] = 5 * 86400.0
+    delay_warning: Annotated[float, Duration] = 0.0  # 0: off (Postfix's default)
+    probe_interval: Annotated[float, Duration] = 30.0
+    # Postfix's default_destination_concurrency_limit is 20 and its initial window
+    # 5; a primary that just came back gets a gentler start here.
+    max_connections_per_host: int = 20
+    initial_connections_per_host: int = 2
+    max_messages_per_second_per_host: int = 50  # 0: no rate cap
+    messages_per_connection: int = 100  # Postfix's smtp_connection_reuse_count_limit
+    connect_timeout: Annotated[float, Duration] = 30.0  # Postfix's smtp_connect_timeout
+    command_timeout: Annotated[float, Duration] = 300.0  # Postfix's smtp_*_timeout
+    data_timeout: Annotated[float, Duration] = 600.0  # Postfix's smtp_data_done_timeout
+    lease: Annotated[float, Duration] = 600.0  # how long a claimed recipient is ours
+    tls: Literal["may", "verify"] = "may"  # opportunistic STARTTLS, or a valid certificate
+    ca_file: str = ""  # CA bundle for tls = "verify"; empty: the system's
+
+
+@dataclass(frozen=True)
+class Dns:
+    nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty: the system resolver
+    timeout: Annotated[float, Duration] = 5.0
+
+
+@dataclass(frozen=True)
 class Tls:
     cert: str = ""  # PEM certificate chain for inbound STARTTLS; empty: no STARTTLS
     key: str = ""  # PEM private key; reloaded with the certificate on SIGHUP
@@ -178,14 +215,25 @@ class Domain:
     name: str  # exact name; a leading dot (".example.com") covers its subdomains only
     # Static route, "host[:port]" each; empty means: the domain's MX set from DNS.
     primary: tuple[str, ...] = ()
+    # A primary answering 5xx within hold_window after an outage may be one that came
+    # back misconfigured: "hold" parks such recipients (visible, releasable).
+    on_primary_5xx: Literal["bounce", "hold"] = "bounce"
+    hold_window: Annotated[float, Duration] = 3600.0
+    tls: Literal["", "may", "verify"] = ""  # "": as delivery.tls
 
 
 @dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)  # banner, EHLO, self-detection
+    aliases: tuple[str, ...] = ()  # other names of this host in MX records (self-detection)
     listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
     database: str = DEFAULT_DATABASE  # SQLAlchemy URL; sqlite:/// or postgresql+psycopg://
+    # Clients (addresses or networks) allowed to ask for a flush with ETRN (RFC 1985),
+    # typically the primary itself when it comes back.
+    etrn_clients: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    delivery: Delivery = field(default_factory=Delivery)
+    dns: Dns = field(default_factory=Dns)
     tls: Tls = field(default_factory=Tls)
     domain: tuple[Domain, ...] = ()
 
@@ -324,6 +372,20 @@ def _validate(config: Config) -> None:
                 parse_host_port(text, default_port=25)
             except ValueError as error:
                 raise ConfigError(f"{key}.primary[{j}]", str(error)) from error
+    for i, text in enumerate(config.etrn_clients):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError as error:
+            raise ConfigError(f"etrn_clients[{i}]", str(error)) from error
+    for i, text in enumerate(config.dns.nameservers):
+        try:
+            parse_host_port(text, default_port=53)
+        except ValueError as error:
+            raise ConfigError(f"dns.nameservers[{i}]", str(error)) from error
+    if config.delivery.retry_min > config.delivery.retry_max:
+        raise ConfigError("delivery.retry_min", "is larger than delivery.retry_max")
+    if config.delivery.max_connections_per_host < 1:
+        raise ConfigError("delivery.max_connections_per_host", "must be at least 1")
     limits = config.limits
     if limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients", "must be at least 1")

@@ -19,11 +19,14 @@ EXPECTED = {
     (State.SENDING, Event.SUCCESS): State.DELIVERED,
     (State.SENDING, Event.TEMPFAIL): State.QUEUED,
     (State.SENDING, Event.PERMFAIL): State.BOUNCED,
+    (State.SENDING, Event.QUARANTINE): State.HELD,
     (State.SENDING, Event.LEASE_EXPIRED): State.QUEUED,
     (State.QUEUED, Event.HOLD): State.HELD,
     (State.HELD, Event.RELEASE): State.QUEUED,
     (State.QUEUED, Event.EXPIRE): State.EXPIRED,
     (State.HELD, Event.EXPIRE): State.EXPIRED,
+    (State.QUEUED, Event.BOUNCE): State.BOUNCED,
+    (State.HELD, Event.BOUNCE): State.BOUNCED,
 }
 
 

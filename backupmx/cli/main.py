@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
     if args.verb == "db":
         return asyncio.run(_db_upgrade(config.database))
     if args.verb == "queue":
-        return asyncio.run(queue_commands.run(args, config.database))
+        return asyncio.run(queue_commands.run(args, config))
     raise CommandError(f"unknown command {args.verb}")
 
 

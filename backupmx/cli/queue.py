@@ -1,4 +1,4 @@
-"""``backupmx queue …``: list, show, hold, release, delete, stats.
+"""``backupmx queue …``: list, show, hold, release, delete, flush, bounce, stats.
 
 Human output is a table sized to its content; ``--json`` output keeps the
 field names of design.md §4, which outside scripts rely on.  The commands work
@@ -15,9 +15,27 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from backupmx.bounce.notices import Notices
 from backupmx.cli import CommandError
-from backupmx.queue.database import current_revision
+from backupmx.config import Config, normalize_domain
+from backupmx.queue.database import current_revision, head_revision
+from backupmx.queue.state import Event
 from backupmx.queue.store import MessageView, Stats, Store
+
+
+async def open_store(database: str) -> Store:
+    """The store, after checking that its schema is the one this version expects."""
+    store = Store.open(database)
+    try:
+        revision = await current_revision(store.engine)
+    except Exception:
+        await store.close()
+        raise
+    if revision != head_revision():
+        await store.close()
+        state = "no schema yet" if revision is None else f"schema revision {revision}"
+        raise CommandError(f"the queue database has {state}: run `backupmx db upgrade`")
+    return store
 
 
 def add_parsers(parser: argparse.ArgumentParser) -> None:
@@ -39,15 +57,21 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
     ):
         action = verbs.add_parser(verb, help=text)
         action.add_argument("ids", nargs="+", metavar="ID")
+    bounce = verbs.add_parser("bounce", help="bounce pending recipients now, with a DSN")
+    bounce.add_argument("ids", nargs="+", metavar="ID")
+    flush = verbs.add_parser(
+        "flush", help="make queued mail due now (a running serve starts within a second)"
+    )
+    flush.add_argument("ids", nargs="*", metavar="ID")
+    flush.add_argument("--domain", help="every queued recipient of this domain")
+    flush.add_argument("--all", action="store_true", help="every queued recipient")
     stats = verbs.add_parser("stats", help="counts by state and by domain")
     stats.add_argument("--json", action="store_true")
 
 
-async def run(args: argparse.Namespace, database: str) -> int:
-    store = Store.open(database)
+async def run(args: argparse.Namespace, config: Config) -> int:
+    store = await open_store(config.database)
     try:
-        if await current_revision(store.engine) is None:
-            raise CommandError("the queue database has no schema yet: run `backupmx db upgrade`")
         verb = args.queue_verb
         if verb == "list":
             found = await store.messages(include_final=args.all, domain=args.domain)
@@ -66,6 +90,16 @@ async def run(args: argparse.Namespace, database: str) -> int:
             changed = await getattr(store, verb)(args.ids)
             noun = "message(s)" if verb == "delete" else "recipient(s)"
             print(f"{verb}: {changed} {noun} of {len(args.ids)} message(s)")
+        elif verb == "flush":
+            if bool(args.ids) + bool(args.domain) + bool(args.all) != 1:
+                raise CommandError("queue flush takes IDs, --domain D or --all (one of them)")
+            domain = normalize_domain(args.domain) if args.domain else None
+            due = await store.make_due(domain=domain, ids=args.ids or None, retry_down=True)
+            print(f"flush: {due} recipient(s) due now")
+        elif verb == "bounce":
+            notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
+            bounced = await store.sweep(Event.BOUNCE, notices.for_admin_bounce, ids=args.ids)
+            print(f"bounce: {bounced} recipient(s) bounced, DSNs queued")
         elif verb == "stats":
             stats = await store.stats()
             print(_json(stats.to_json()) if args.json else render_stats(stats))

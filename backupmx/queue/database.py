@@ -119,6 +119,16 @@ async def upgrade(engine: AsyncEngine) -> None:
         await connection.run_sync(run)
 
 
+def head_revision() -> str | None:
+    """The schema revision this version of backupmx expects."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_directory()))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

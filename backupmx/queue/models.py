@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.engine import Dialect
 
@@ -93,8 +94,24 @@ recipients = Table(
     Column("dsn_notify", String(32)),  # RFC 3461 NOTIFY
     Column("dsn_orcpt", Text),  # RFC 3461 ORCPT, as sent
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("delay_warned", Boolean, nullable=False, server_default=false()),  # delay DSN sent
     Index("ix_recipients_due", "state", "next_attempt_at"),
     Index("ix_recipients_lease", "state", "lease_until"),
     Index("ix_recipients_domain", "domain", "state"),
     Index("ix_recipients_message", "message_id"),
+)
+
+# What the deliverer knows of each destination domain, for `backupmx domains` and
+# the metrics: written by the node that probes or delivers, read by everyone.
+domains = Table(
+    "domains",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("state", String(16), nullable=False),  # up, down, unknown
+    Column("since", UTCDateTime, nullable=False),  # when it entered that state
+    Column("route", Text),  # the hops in use, "host[addr]:port, ..."
+    Column("reason", Text),  # why mail waits: "no MX better than this host", last error
+    Column("last_probe_at", UTCDateTime),
+    Column("last_probe_result", Text),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

@@ -10,8 +10,10 @@ Theory of operation::
     queued ──claim──▶ sending ──success──▶ delivered
       ▲                 │──tempfail──▶ queued (next attempt after backoff)
       │                 │──permfail──▶ bounced (DSN unless NOTIFY=NEVER or sender <>)
+      │                 │──quarantine──▶ held (5xx from a primary just back: on_primary_5xx=hold)
       │                 └──lease_expired──▶ queued (the worker died)
       ├──hold──▶ held ──release──▶ queued
+      ├──bounce (admin, queued or held)──▶ bounced (DSN)
       └──expire──▶ expired (DSN)
 
 Invariants: `delivered`, `bounced` and `expired` are final — nothing leaves them
@@ -38,10 +40,12 @@ class Event(StrEnum):
     SUCCESS = "success"
     TEMPFAIL = "tempfail"
     PERMFAIL = "permfail"
+    QUARANTINE = "quarantine"
     LEASE_EXPIRED = "lease_expired"
     HOLD = "hold"
     RELEASE = "release"
     EXPIRE = "expire"
+    BOUNCE = "bounce"  # an administrator's `queue bounce`
 
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
@@ -49,11 +53,14 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.SENDING, Event.SUCCESS): State.DELIVERED,
     (State.SENDING, Event.TEMPFAIL): State.QUEUED,
     (State.SENDING, Event.PERMFAIL): State.BOUNCED,
+    (State.SENDING, Event.QUARANTINE): State.HELD,
     (State.SENDING, Event.LEASE_EXPIRED): State.QUEUED,
     (State.QUEUED, Event.HOLD): State.HELD,
     (State.HELD, Event.RELEASE): State.QUEUED,
     (State.QUEUED, Event.EXPIRE): State.EXPIRED,
     (State.HELD, Event.EXPIRE): State.EXPIRED,
+    (State.QUEUED, Event.BOUNCE): State.BOUNCED,
+    (State.HELD, Event.BOUNCE): State.BOUNCED,
 }
 
 FINAL = frozenset({State.DELIVERED, State.BOUNCED, State.EXPIRED})

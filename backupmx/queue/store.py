@@ -19,20 +19,21 @@ Admin operations on unknown queue ids raise `UnknownMessage` naming them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, false, func, insert, select, update
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import open_engine, open_writer_engine
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import domains, messages, recipients
 from backupmx.queue.state import PENDING, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
 
@@ -50,10 +51,21 @@ class BodySource(Protocol):
     @property
     def size(self) -> int: ...
 
-    @property
-    def sha256(self) -> str: ...
-
     def read(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class BytesBody:
+    """A body already in memory (a DSN we generate)."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self) -> bytes:
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,55 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Outbound:
+    """A queued message as the deliverer sends it."""
+
+    id: str
+    sender: str
+    body: bytes
+    size: int
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A pending recipient past a deadline (expiry or delay warning), with its envelope."""
+
+    recipient_id: int
+    address: str
+    notify: str | None
+    orcpt: str | None
+    last_error: str | None
+    message: Outbound
+
+
+@dataclass(frozen=True)
+class DomainState:
+    name: str
+    state: str  # up, down, unknown
+    since: datetime
+    route: str | None
+    reason: str | None
+    last_probe_at: datetime | None
+    last_probe_result: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.name,
+            "state": self.state,
+            "since": _iso(self.since),
+            "route": self.route,
+            "reason": self.reason,
+            "last_probe_at": _iso(self.last_probe_at) if self.last_probe_at else None,
+            "last_probe_result": self.last_probe_result,
+        }
+
+
+@dataclass(frozen=True)
 class Result:
     recipient_id: int
     event: Event  # SUCCESS, TEMPFAIL or PERMFAIL
@@ -202,11 +263,54 @@ class UnknownMessage(LookupError):
         super().__init__(f"no such message: {', '.join(self.ids)}")
 
 
+def _rows(
+    batch: Sequence[NewMessage], now: datetime
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Insert rows for new messages and their recipients (all queued, due now)."""
+    bodies = [m.body.read() for m in batch]
+    message_rows = [
+        {
+            "id": m.id, "sender": m.sender, "body": body, "size": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(), "received_at": m.received_at,
+            "client_ip": m.client_ip,
+            "client_helo": m.client_helo, "protocol": m.protocol, "tls": m.tls,
+            "body_type": m.body_type, "smtputf8": m.smtputf8, "dsn_ret": m.ret,
+            "dsn_envid": m.envid, "session_id": m.session_id,
+        }
+        for m, body in zip(batch, bodies, strict=True)
+    ]  # fmt: skip
+    recipient_rows = [
+        {
+            "message_id": m.id, "address": r.address, "domain": r.domain,
+            "state": State.QUEUED.value, "attempts": 0, "next_attempt_at": now,
+            "last_error": None, "lease_owner": None, "lease_until": None,
+            "dsn_notify": r.notify, "dsn_orcpt": r.orcpt, "updated_at": now,
+            "delay_warned": False,
+        }
+        for m in batch
+        for r in m.recipients
+    ]  # fmt: skip
+    return message_rows, recipient_rows
+
+
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 _MESSAGE_COLUMNS = [c for c in messages.c if c.name != "body"]
+_OUTBOUND_COLUMNS = [
+    messages.c.id, messages.c.sender, messages.c.body, messages.c.size, messages.c.body_type,
+    messages.c.smtputf8, messages.c.dsn_ret, messages.c.dsn_envid, messages.c.received_at,
+]  # fmt: skip
+
+
+def _outbound(row: Any) -> Outbound:
+    return Outbound(
+        row.id, row.sender, bytes(row.body), row.size, row.body_type, row.smtputf8,
+        row.dsn_ret, row.dsn_envid, row.received_at,
+    )  # fmt: skip
+
+
 _PENDING = sorted(PENDING)
 
 
@@ -252,46 +356,7 @@ class Store:
     def _write_batch_now(self, batch: Sequence[NewMessage]) -> None:
         """In the writer thread: read the spooled bodies, insert, commit (one fsync)."""
         assert self._writer_engine is not None
-        now = utcnow()
-        message_rows: list[dict[str, Any]] = []
-        recipient_rows: list[dict[str, Any]] = []
-        for m in batch:
-            message_rows.append(
-                {
-                    "id": m.id,
-                    "sender": m.sender,
-                    "body": m.body.read(),
-                    "size": m.body.size,
-                    "sha256": m.body.sha256,
-                    "received_at": m.received_at,
-                    "client_ip": m.client_ip,
-                    "client_helo": m.client_helo,
-                    "protocol": m.protocol,
-                    "tls": m.tls,
-                    "body_type": m.body_type,
-                    "smtputf8": m.smtputf8,
-                    "dsn_ret": m.ret,
-                    "dsn_envid": m.envid,
-                    "session_id": m.session_id,
-                }
-            )
-            recipient_rows.extend(
-                {
-                    "message_id": m.id,
-                    "address": r.address,
-                    "domain": r.domain,
-                    "state": State.QUEUED.value,
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "last_error": None,
-                    "lease_owner": None,
-                    "lease_until": None,
-                    "dsn_notify": r.notify,
-                    "dsn_orcpt": r.orcpt,
-                    "updated_at": now,
-                }
-                for r in m.recipients
-            )
+        message_rows, recipient_rows = _rows(batch, utcnow())
         with self._writer_engine.begin() as conn:
             conn.execute(insert(messages), message_rows)
             conn.execute(insert(recipients), recipient_rows)
@@ -301,12 +366,20 @@ class Store:
     async def claim(
         self, owner: str, limit: int, lease: timedelta, now: datetime | None = None
     ) -> list[Claim]:
-        """Lease up to `limit` due recipients, oldest due first."""
+        """Lease up to `limit` due recipients, oldest due first.
+
+        Recipients of a domain whose primary is known to be down are left alone: the
+        probes decide when it is worth trying again (`make_due` then), so a backup
+        holding mail for a dead primary does not knock on its door with every message.
+        """
         now = now or utcnow()
+        down = select(domains.c.name).where(domains.c.state == "down")
         due = (
             select(recipients.c.id)
             .where(
-                recipients.c.state.in_(sources(Event.CLAIM)), recipients.c.next_attempt_at <= now
+                recipients.c.state.in_(sources(Event.CLAIM)),
+                recipients.c.next_attempt_at <= now,
+                recipients.c.domain.not_in(down),
             )
             .order_by(recipients.c.next_attempt_at)
             .limit(limit)
@@ -347,12 +420,21 @@ class Store:
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
     async def record(
-        self, owner: str, results: Sequence[Result], now: datetime | None = None
+        self,
+        owner: str,
+        results: Sequence[Result],
+        notices: Sequence[NewMessage] = (),
+        now: datetime | None = None,
     ) -> int:
-        """Apply delivery results to recipients this owner still holds; return rows changed."""
+        """Apply delivery results to recipients this owner still holds; return rows changed.
+
+        `notices` (DSNs for these results) are queued in the same transaction, so a
+        recipient is never bounced without its DSN (invariant 2).
+        """
         now = now or utcnow()
         changed = 0
         async with self.engine.begin() as conn:
+            await self._insert(conn, notices, now)
             for result in results:
                 values: dict[str, Any] = {
                     "state": target(result.event),
@@ -374,6 +456,164 @@ class Store:
                 )
                 changed += outcome.rowcount
         return changed
+
+    @staticmethod
+    async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
+        if batch:
+            message_rows, recipient_rows = _rows(batch, now)
+            await conn.execute(insert(messages), message_rows)
+            await conn.execute(insert(recipients), recipient_rows)
+
+    async def outbound(self, ids: Iterable[str]) -> dict[str, Outbound]:
+        query = select(*_OUTBOUND_COLUMNS).where(messages.c.id.in_(list(ids)))
+        async with self.engine.connect() as conn:
+            return {row.id: _outbound(row) for row in await conn.execute(query)}
+
+    async def make_due(
+        self,
+        *,
+        domain: str | None = None,
+        ids: Sequence[str] | None = None,
+        retry_down: bool = False,
+        now: datetime | None = None,
+    ) -> int:
+        """Queued recipients (of a domain, of some messages, or all) become due now:
+        a flush, an ETRN, or a primary that came back.  With `retry_down` (an
+        operator's flush), domains marked down are tried again too."""
+        now = now or utcnow()
+        if retry_down:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(domains)
+                    .where(
+                        domains.c.state == "down", *([domains.c.name == domain] if domain else [])
+                    )
+                    .values(state="unknown", since=now, updated_at=now)
+                )
+        condition = [recipients.c.state == State.QUEUED.value, recipients.c.next_attempt_at > now]
+        if domain is not None:
+            condition.append(recipients.c.domain == domain)
+        if ids is not None:
+            async with self.engine.connect() as conn:
+                await self._require(conn, ids)
+            condition.append(recipients.c.message_id.in_(ids))
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients).where(*condition).values(next_attempt_at=now, updated_at=now)
+            )
+        return outcome.rowcount
+
+    async def pending_domains(self) -> list[str]:
+        """Domains with recipients waiting for delivery (queued or being sent)."""
+        query = (
+            select(recipients.c.domain)
+            .where(recipients.c.state.in_([State.QUEUED.value, State.SENDING.value]))
+            .distinct()
+        )
+        async with self.engine.connect() as conn:
+            return sorted((await conn.execute(query)).scalars())
+
+    async def sweep(
+        self,
+        event: Event | None,
+        notices_for: Callable[[list[Overdue]], list[NewMessage]],
+        *,
+        older_than: datetime | None = None,
+        ids: Sequence[str] | None = None,
+        limit: int = 500,
+        now: datetime | None = None,
+    ) -> int:
+        """Pending recipients of messages received before `older_than` (or of the
+        messages `ids`): apply `event` (EXPIRE, BOUNCE), or with None mark them
+        delay-warned; queue their DSNs in the same transaction (invariant 2)."""
+        now = now or utcnow()
+        states = sources(event) if event else [State.QUEUED.value, State.HELD.value]
+        query = (
+            select(
+                recipients.c.id.label("recipient_id"), recipients.c.address,
+                recipients.c.dsn_notify, recipients.c.dsn_orcpt, recipients.c.last_error,
+                *_OUTBOUND_COLUMNS,
+            )
+            .join(messages, messages.c.id == recipients.c.message_id)
+            .where(recipients.c.state.in_(states))
+            .order_by(messages.c.received_at)
+            .limit(limit)
+        )  # fmt: skip
+        if event is None:
+            query = query.where(recipients.c.delay_warned == false())
+        if older_than is not None:
+            query = query.where(messages.c.received_at < older_than)
+        if ids is not None:
+            query = query.where(messages.c.id.in_(ids))
+        async with self.engine.begin() as conn:
+            if ids is not None:
+                await self._require(conn, ids)
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                return 0
+            overdue = [
+                Overdue(
+                    r.recipient_id, r.address, r.dsn_notify, r.dsn_orcpt, r.last_error, _outbound(r)
+                )
+                for r in rows
+            ]
+            values: dict[str, Any] = (
+                {"state": target(event), "lease_owner": None, "lease_until": None}
+                if event
+                else {"delay_warned": True}
+            )
+            await conn.execute(
+                update(recipients)
+                .where(
+                    recipients.c.id.in_([o.recipient_id for o in overdue]),
+                    recipients.c.state.in_(states),
+                )
+                .values(updated_at=now, **values)
+            )
+            await self._insert(conn, notices_for(overdue), now)
+        return len(overdue)
+
+    async def set_domain_state(
+        self,
+        name: str,
+        state: str | None = None,
+        *,
+        route: str | None = None,
+        reason: str | None = None,
+        probe_result: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record what we know of a domain; return True if its state changed."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(domains).where(domains.c.name == name))).first()
+            values: dict[str, Any] = {"updated_at": now}
+            if route is not None:
+                values["route"] = route
+            if reason is not None:
+                values["reason"] = reason or None
+            if probe_result is not None:
+                values["last_probe_at"], values["last_probe_result"] = now, probe_result
+            changed = state is not None and (row is None or row.state != state)
+            if changed:
+                values["state"], values["since"] = state, now
+            if row is None:
+                values.setdefault("state", "unknown")
+                values.setdefault("since", now)
+                await conn.execute(insert(domains).values(name=name, **values))
+            else:
+                await conn.execute(update(domains).where(domains.c.name == name).values(values))
+        return changed
+
+    async def domain_states(self) -> dict[str, DomainState]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(domains))).all()
+        return {
+            r.name: DomainState(
+                r.name, r.state, r.since, r.route, r.reason, r.last_probe_at, r.last_probe_result
+            )
+            for r in rows
+        }
 
     async def release_expired_leases(self, now: datetime | None = None) -> int:
         """sending rows whose lease ran out (their worker died) become queued again."""

@@ -1,0 +1,264 @@
+"""One SMTP connection to a primary host, sending queued messages as stored (aiosmtplib).
+
+Promises:
+
+* The body goes out exactly as stored (our ``Received:`` header first); only
+  SMTP's own dot-stuffing is applied on the wire.  Envelope addresses are sent as
+  received — aiosmtplib's address parser is bypassed, and ``<>`` stays ``<>``.
+* Each message is sent once per connection with all its recipients for this
+  destination; the result is one `Outcome` per recipient.
+* What the primary supports is passed through: SIZE (a message over the
+  primary's limit bounces 5.3.4), BODY=8BITMIME, SMTPUTF8 (a message that needs
+  it bounces 5.6.7 at a primary without it), and the DSN parameters RET, ENVID,
+  NOTIFY and ORCPT when the primary advertises DSN.
+* STARTTLS is opportunistic (``tls = "may"``: a failed handshake is retried in
+  the clear, as Postfix does) or required with a valid certificate
+  (``"verify"``: otherwise the recipients are deferred).
+
+Network failures never raise out of `send`: they become deferrals, and the
+report says whether the connection can be reused and whether the failure was a
+sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from backupmx.deliver.reply import Outcome, bounced, classify, deferred
+from backupmx.queue.store import Claim, Outbound
+
+
+class ConnectFailed(Exception):
+    """No usable SMTP session with this host: refused, timed out, 4xx/5xx greeting, TLS."""
+
+
+class TlsFailed(ConnectFailed):
+    """The STARTTLS handshake failed (retried in the clear when tls = "may")."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    command: float
+    data: float
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str  # the MX name (for TLS verification and logs)
+    address: str  # the IP address connected to
+    port: int
+
+    def __str__(self) -> str:
+        address = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.host}[{address}]:{self.port}"
+
+
+@dataclass
+class SendReport:
+    outcomes: list[Outcome]
+    congestion: bool = False  # 421, 4xx to MAIL/DATA, a timeout: the pacer backs off
+    usable: bool = True  # the connection can carry the next message
+    dsn_supported: bool = True
+
+
+@dataclass
+class PrimaryConnection:
+    target: Target
+    smtp: aiosmtplib.SMTP
+    timeouts: Timeouts
+    tls: str | None = None
+    sent: int = 0
+    features: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size_limit(self) -> int:
+        value = self.features.get("size", "")
+        return int(value) if value.isdigit() else 0
+
+    def supports(self, extension: str) -> bool:
+        return extension.lower() in self.features
+
+    async def send(
+        self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool
+    ) -> SendReport:
+        """Send one message to its recipients at this destination; never raises."""
+        report = SendReport([], dsn_supported=self.supports("DSN"))
+        refusal = self._refusal(message)
+        if refusal is not None:
+            report.outcomes = [refusal] * len(recipients)
+            return report
+        try:
+            await self._transaction(message, recipients, hold_5xx, report)
+        except aiosmtplib.SMTPTimeoutError as error:
+            report.congestion, report.usable = True, False
+            self._defer_rest(report, len(recipients), f"timeout talking to {self.target}: {error}")
+        except (aiosmtplib.SMTPException, OSError) as error:
+            report.usable = False
+            self._defer_rest(
+                report, len(recipients), f"lost connection with {self.target}: {error}"
+            )
+        self.sent += 1
+        return report
+
+    def _refusal(self, message: Outbound) -> Outcome | None:
+        if message.smtputf8 and not self.supports("SMTPUTF8"):
+            return bounced(f"{self.target} does not support SMTPUTF8", "5.6.7")
+        if self.size_limit and message.size > self.size_limit:
+            return bounced(f"message size exceeds the limit of {self.target}", "5.3.4")
+        return None
+
+    @staticmethod
+    def _defer_rest(report: SendReport, total: int, reason: str) -> None:
+        report.outcomes = [o for o in report.outcomes if o.verdict != "delivered"]
+        report.outcomes += [deferred(reason)] * (total - len(report.outcomes))
+
+    async def _transaction(
+        self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool, report: SendReport
+    ) -> None:
+        smtp = self.smtp
+        mail = await smtp.execute_command(
+            b"MAIL", b"FROM:<" + message.sender.encode() + b">", *self._mail_options(message)
+        )
+        if mail.code != 250:
+            outcome = classify(mail.code, mail.message, hold_5xx=hold_5xx)
+            report.outcomes = [outcome] * len(recipients)
+            report.congestion = mail.code == 421 or mail.code // 100 == 4
+            await self._reset(mail.code, report)
+            return
+        accepted: list[int] = []
+        outcomes: list[Outcome | None] = []
+        for index, recipient in enumerate(recipients):
+            rcpt = await smtp.execute_command(
+                b"RCPT", b"TO:<" + recipient.address.encode() + b">", *self._rcpt_options(recipient)
+            )
+            if rcpt.code in (250, 251):
+                accepted.append(index)
+                outcomes.append(None)
+            else:
+                outcomes.append(classify(rcpt.code, rcpt.message, hold_5xx=hold_5xx))
+                if rcpt.code == 421:
+                    report.congestion = True
+        if not accepted:
+            report.outcomes = [o for o in outcomes if o is not None]
+            await self._reset(0, report)
+            return
+        try:
+            done = await smtp.data(message.body, timeout=self.timeouts.data)
+            data_outcome = classify(done.code, done.message)
+        except aiosmtplib.SMTPDataError as error:
+            data_outcome = classify(error.code, error.message, hold_5xx=hold_5xx)
+            report.congestion = error.code == 421 or error.code // 100 == 4
+            await self._reset(error.code, report)
+        report.outcomes = [data_outcome if o is None else o for o in outcomes]
+
+    async def _reset(self, code: int, report: SendReport) -> None:
+        if code == 421:
+            report.usable = False
+            return
+        reply = await self.smtp.execute_command(b"RSET")
+        report.usable = reply.code == 250
+
+    def _mail_options(self, message: Outbound) -> list[bytes]:
+        options = []
+        if self.supports("SIZE"):
+            options.append(f"SIZE={message.size}".encode())
+        if message.body_type == "8BITMIME" and self.supports("8BITMIME"):
+            options.append(b"BODY=8BITMIME")
+        if message.smtputf8:
+            options.append(b"SMTPUTF8")
+        if self.supports("DSN"):
+            if message.ret:
+                options.append(f"RET={message.ret}".encode())
+            if message.envid:
+                options.append(f"ENVID={message.envid}".encode())
+        return options
+
+    def _rcpt_options(self, recipient: Claim) -> list[bytes]:
+        if not self.supports("DSN"):
+            return []
+        options = []
+        if recipient.notify:
+            options.append(f"NOTIFY={recipient.notify}".encode())
+        if recipient.orcpt:
+            options.append(f"ORCPT={recipient.orcpt}".encode())
+        return options
+
+    async def close(self) -> None:
+        try:
+            await self.smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            self.smtp.close()
+
+
+def tls_context(mode: str, ca_file: str) -> ssl.SSLContext:
+    if mode == "verify":
+        return ssl.create_default_context(cafile=ca_file or None)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect(
+    target: Target,
+    helo: str,
+    tls_mode: str,
+    ca_file: str,
+    timeouts: Timeouts,
+    starttls: bool = True,
+) -> PrimaryConnection:
+    """Open an SMTP session (banner, EHLO, STARTTLS when offered); raise ConnectFailed."""
+    try:
+        return await _open(target, helo, tls_mode, ca_file, timeouts, use_tls=starttls)
+    except TlsFailed:
+        if tls_mode != "may":
+            raise
+        return await _open(target, helo, tls_mode, ca_file, timeouts, use_tls=False)
+
+
+async def _open(
+    target: Target, helo: str, tls_mode: str, ca_file: str, timeouts: Timeouts, use_tls: bool
+) -> PrimaryConnection:
+    smtp = aiosmtplib.SMTP(
+        hostname=target.address,
+        port=target.port,
+        local_hostname=helo,
+        timeout=timeouts.command,
+        start_tls=False,
+        use_tls=False,
+    )
+    try:
+        greeting = await smtp.connect(timeout=timeouts.connect)
+        if greeting.code != 220:
+            raise ConnectFailed(f"{target} greeted with {greeting.code} {greeting.message}")
+        ehlo = await smtp.ehlo()
+        if ehlo.code != 250:
+            raise ConnectFailed(f"{target} refused EHLO: {ehlo.code} {ehlo.message}")
+        tls = None
+        if use_tls and smtp.supports_extension("STARTTLS"):
+            try:
+                await smtp.starttls(
+                    tls_context=tls_context(tls_mode, ca_file),
+                    server_hostname=target.host,
+                    validate_certs=tls_mode == "verify",
+                )
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as error:
+                raise TlsFailed(f"TLS with {target} failed: {error}") from error
+            await smtp.ehlo()
+            ssl_object = smtp.get_transport_info("ssl_object")
+            if ssl_object is not None:
+                tls = f"{ssl_object.version()} {ssl_object.cipher()[0]}"
+        elif tls_mode == "verify":
+            raise ConnectFailed(f"{target} does not offer STARTTLS (tls = verify)")
+    except ConnectFailed:
+        smtp.close()
+        raise
+    except (aiosmtplib.SMTPException, OSError) as error:
+        smtp.close()
+        raise ConnectFailed(f"connect to {target}: {error}") from error
+    return PrimaryConnection(target, smtp, timeouts, tls=tls, features=dict(smtp.esmtp_extensions))

@@ -1,0 +1,303 @@
+"""The delivery loop: due recipients → routes → paced connections → results in the store.
+
+Theory of operation (the layers of style.md, each owning one concern):
+
+1. `Deliverer.run` claims due recipients under a lease (several nodes may share
+   the queue) while fewer than `IN_FLIGHT` are being worked on, and wakes at once
+   when a primary comes back, a flush is asked for, or ETRN arrives; otherwise it
+   polls every `POLL_SECONDS`, so a CLI flush is picked up within a second.
+2. Claims are grouped by domain (one route each, from `Primaries`) and then by
+   message: each message is sent once per destination with all its recipients.
+3. A route's hosts are tried in order; for each, the host's `HostPacer` grants a
+   connection slot and a message token, and an idle connection is reused (up to
+   ``messages_per_connection``) or a new one opened.  A host that cannot be
+   reached is skipped for the next; if none can, the recipients are deferred and
+   the domain is marked down.
+4. Results go back to the store in one transaction with their DSNs.
+
+Invariants kept here: a recipient is recorded only by the lease owner; a
+delivered recipient is never sent again (partial results are recorded per
+recipient); no route ever includes this host (`route.plan` prunes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import defaultdict
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from backupmx.bounce.notices import Notices
+from backupmx.deliver.client import (
+    ConnectFailed,
+    PrimaryConnection,
+    SendReport,
+    Target,
+    Timeouts,
+    connect,
+)
+from backupmx.deliver.pacer import HostPacer, Pacers
+from backupmx.deliver.primaries import Primaries, describe, target
+from backupmx.deliver.reply import Outcome, Verdict, bounced, deferred
+from backupmx.deliver.route import Bounce, RoutePlan
+from backupmx.deliver.schedule import next_attempt
+from backupmx.queue.state import Event
+from backupmx.queue.store import Claim, Outbound, Result, Store, utcnow
+
+log = structlog.get_logger("backupmx.deliver")
+
+IN_FLIGHT = 2000  # recipients claimed and not yet recorded, per node
+CLAIM_BATCH = 500
+POLL_SECONDS = 1.0
+IDLE_CONNECTION_SECONDS = 10.0
+
+_EVENTS = {
+    Verdict.DELIVERED: Event.SUCCESS,
+    Verdict.DEFERRED: Event.TEMPFAIL,
+    Verdict.BOUNCED: Event.PERMFAIL,
+    Verdict.HELD: Event.QUARANTINE,
+}
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    helo: str
+    lease: float
+    retry_min: float
+    retry_max: float
+    messages_per_connection: int
+    timeouts: Timeouts
+    ca_file: str
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: Store,
+        primaries: Primaries,
+        pacers: Pacers,
+        notices: Notices,
+        settings: DeliverySettings,
+        owner: str,
+    ) -> None:
+        self.store = store
+        self.primaries = primaries
+        self.pacers = pacers
+        self.notices = notices
+        self.settings = settings
+        self.owner = owner
+        self._wake = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._in_flight = 0
+        self._idle: dict[Target, list[tuple[float, PrimaryConnection]]] = defaultdict(list)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+
+    def wake(self, _reason: str = "") -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wait_for_room()
+                claims = await self.store.claim(
+                    self.owner,
+                    min(CLAIM_BATCH, IN_FLIGHT - self._in_flight),
+                    timedelta(seconds=self.settings.lease),
+                )
+                if not claims:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    await self._close_idle()
+                    continue
+                self._in_flight += len(claims)
+                by_domain: dict[str, list[Claim]] = defaultdict(list)
+                for claim in claims:
+                    by_domain[claim.domain].append(claim)
+                for domain, group in by_domain.items():
+                    self._spawn(self._deliver_domain(domain, group))
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Cancel work in progress (its leases are given back by the app) and close connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connections in self._idle.values():
+            for _, connection in connections:
+                await connection.close()
+        self._idle.clear()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_for_room(self) -> None:
+        async with self._room:
+            await self._room.wait_for(lambda: self._in_flight < IN_FLIGHT)
+
+    async def _done(self, count: int) -> None:
+        async with self._room:
+            self._in_flight -= count
+            self._room.notify_all()
+
+    # ------------------------------------------------------------------ one domain
+
+    async def _deliver_domain(self, domain: str, claims: list[Claim]) -> None:
+        try:
+            route = await self.primaries.route(domain)
+            if not isinstance(route, RoutePlan):
+                reason = describe(route)
+                outcome = (
+                    bounced(reason, route.status) if isinstance(route, Bounce) else deferred(reason)
+                )
+                if not isinstance(route, Bounce):
+                    await self.primaries.observed(domain, False, reason, route)
+                messages = await self.store.outbound({c.message_id for c in claims})
+                await self._record_grouped(messages, claims, [outcome] * len(claims), None, True)
+                return
+            messages = await self.store.outbound({c.message_id for c in claims})
+            by_message: dict[str, list[Claim]] = defaultdict(list)
+            for claim in claims:
+                by_message[claim.message_id].append(claim)
+            await asyncio.gather(
+                *(
+                    self._deliver_message(domain, route, messages[mid], group)
+                    for mid, group in by_message.items()
+                )
+            )
+        except Exception as error:
+            # Recipients already recorded are no longer ours to change, so deferring
+            # every claim of this group touches only those still in flight.
+            log.exception("delivery_failed", domain=domain, error=str(error))
+            later = utcnow() + timedelta(seconds=self.settings.retry_min)
+            await self.store.record(
+                self.owner,
+                [
+                    Result(c.recipient_id, Event.TEMPFAIL, f"internal error: {error}", later)
+                    for c in claims
+                ],
+            )
+        finally:
+            await self._done(len(claims))
+
+    async def _deliver_message(
+        self, domain: str, route: RoutePlan, message: Outbound, claims: list[Claim]
+    ) -> None:
+        failures: list[str] = []
+        hold = self.primaries.in_hold_window(domain)
+        tls = self.primaries.policies(domain).tls
+        for hop in route.hops:
+            where = target(hop)
+            pacer = self.pacers[where.address]
+            async with pacer.slot():
+                try:
+                    connection = await self._connection(where, tls)
+                except ConnectFailed as error:
+                    pacer.congestion()
+                    failures.append(str(error))
+                    continue
+                await pacer.message_token()
+                report = await connection.send(message, claims, hold)
+                self._feedback(pacer, report)
+                await self._release(connection, report)
+            await self._record(message, claims, report.outcomes, where, report.dsn_supported)
+            await self.primaries.observed(domain, True, f"delivery via {where}", route)
+            return
+        reason = "; ".join(failures) or "no host to try"
+        await self._record(message, claims, [deferred(reason)] * len(claims), None, True)
+        await self.primaries.observed(domain, False, reason, route)
+
+    @staticmethod
+    def _feedback(pacer: HostPacer, report: SendReport) -> None:
+        if report.congestion:
+            pacer.congestion()
+        elif any(o.verdict is Verdict.DELIVERED for o in report.outcomes):
+            pacer.success()
+
+    async def _connection(self, where: Target, tls: str) -> PrimaryConnection:
+        idle = self._idle.get(where)
+        while idle:
+            _, connection = idle.pop()
+            if connection.smtp.is_connected:
+                return connection
+        return await connect(
+            where, self.settings.helo, tls, self.settings.ca_file, self.settings.timeouts
+        )
+
+    async def _release(self, connection: PrimaryConnection, report: SendReport) -> None:
+        if report.usable and connection.sent < self.settings.messages_per_connection:
+            self._idle[connection.target].append((asyncio.get_running_loop().time(), connection))
+        else:
+            await connection.close()
+
+    async def _close_idle(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for where, connections in list(self._idle.items()):
+            keep = [(t, c) for t, c in connections if now - t < IDLE_CONNECTION_SECONDS]
+            for t, connection in connections:
+                if now - t >= IDLE_CONNECTION_SECONDS:
+                    await connection.close()
+            self._idle[where] = keep
+
+    # ------------------------------------------------------------------ results
+
+    async def _record_grouped(
+        self,
+        messages: dict[str, Outbound],
+        claims: Sequence[Claim],
+        outcomes: Sequence[Outcome],
+        where: Target | None,
+        dsn_supported: bool,
+    ) -> None:
+        by_message: dict[str, list[tuple[Claim, Outcome]]] = defaultdict(list)
+        for claim, outcome in zip(claims, outcomes, strict=True):
+            by_message[claim.message_id].append((claim, outcome))
+        for message_id, pairs in by_message.items():
+            await self._record(
+                messages[message_id],
+                [c for c, _ in pairs],
+                [o for _, o in pairs],
+                where,
+                dsn_supported,
+            )
+
+    async def _record(
+        self,
+        message: Outbound,
+        claims: Sequence[Claim],
+        outcomes: Sequence[Outcome],
+        where: Target | None,
+        dsn_supported: bool,
+    ) -> None:
+        now = utcnow()
+        results = []
+        for claim, outcome in zip(claims, outcomes, strict=True):
+            event = _EVENTS[outcome.verdict]
+            when = None
+            if event is Event.TEMPFAIL:
+                when = next_attempt(
+                    now, claim.attempts, self.settings.retry_min, self.settings.retry_max, self._rng
+                )
+            error = None if event is Event.SUCCESS else outcome.diagnostic
+            results.append(Result(claim.recipient_id, event, error, when))
+            log.info(
+                "recipient_" + outcome.verdict.value,
+                queue_id=message.id,
+                recipient=claim.address,
+                relay=str(where) if where else None,
+                reply=outcome.diagnostic,
+            )
+        notices = self.notices.for_results(
+            message, claims, outcomes, str(where) if where else None, dsn_supported
+        )
+        await self.store.record(self.owner, results, notices)

@@ -1,0 +1,93 @@
+"""Per-primary-host pacing: a concurrency window fed back by delivery results, and a rate cap.
+
+Like Postfix's ``qmgr_feedback.c``, each result nudges the host's window: a
+success adds ``1/window`` (one more connection per window's worth of successes,
+so growth is linear per round), a ``421``, a ``4xx`` to MAIL or DATA, or a
+timeout halves it.  The window starts at ``initial_connections_per_host`` and
+never exceeds ``max_connections_per_host``, so a primary that just came back
+sees a ramp, not a stampede of every held message at once.  A token bucket caps
+messages per second (0: no cap).
+
+Everything here runs on the event loop; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+
+class HostPacer:
+    def __init__(self, initial: int, maximum: int, rate: int) -> None:
+        self.maximum = max(maximum, 1)
+        self.window = float(min(max(initial, 1), self.maximum))
+        self.active = 0
+        self.rate = rate
+        self._tokens = float(rate)
+        self._refilled = time.monotonic()
+        self._changed = asyncio.Condition()
+
+    @property
+    def limit(self) -> int:
+        return max(int(self.window), 1)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the host's connection slots."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.active -= 1
+                self._changed.notify_all()
+
+    async def message_token(self) -> None:
+        """Wait until the rate cap allows one more message to this host."""
+        if self.rate <= 0:
+            return
+        while True:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self.rate)
+
+    def success(self) -> None:
+        self._set(min(self.window + 1 / self.window, float(self.maximum)))
+
+    def congestion(self) -> None:
+        self._set(max(self.window / 2, 1.0))
+
+    def _set(self, window: float) -> None:
+        grew = int(window) > int(self.window)
+        self.window = window
+        if grew:
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
+class Pacers:
+    """One `HostPacer` per primary host address, created on first use."""
+
+    def __init__(self, initial: int, maximum: int, rate: int) -> None:
+        self._settings = (initial, maximum, rate)
+        self._by_host: dict[str, HostPacer] = {}
+
+    def __getitem__(self, host: str) -> HostPacer:
+        pacer = self._by_host.get(host)
+        if pacer is None:
+            pacer = self._by_host[host] = HostPacer(*self._settings)
+        return pacer
+
+    def windows(self) -> dict[str, float]:
+        return {host: p.window for host, p in self._by_host.items()}

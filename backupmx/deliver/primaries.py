@@ -1,0 +1,161 @@
+"""What we know of each destination: its route, whether its primary is up, since when.
+
+Promises:
+
+* A domain moves ``down → up`` (or ``unknown → up``) on the first successful
+  probe or delivery, and at that moment all its queued recipients become due —
+  not at their next backoff time — and the deliverer is woken (design.md §3).
+* Probes (TCP connect, EHLO, QUIT; no mail) run for every domain with queued
+  mail, against the best host of its route, every ``probe_interval``.
+* State is written to the ``domains`` table, so ``backupmx domains`` and every
+  node sharing the queue see it.
+
+Routes are cached for `ROUTE_TTL` seconds so that a flush of thousands of
+messages does not ask DNS thousands of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
+from backupmx.deliver.resolver import Resolver
+from backupmx.deliver.route import Hop, Identity, Route, RoutePlan, plan
+from backupmx.queue.store import Store, utcnow
+
+log = structlog.get_logger("backupmx.deliver")
+
+ROUTE_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """The per-domain settings the deliverer needs (from [[domain]] or defaults)."""
+
+    static_primary: tuple[str, ...] = ()
+    on_primary_5xx: str = "bounce"
+    hold_window: float = 3600.0
+    tls: str = "may"
+
+
+def describe(route: Route) -> str:
+    if isinstance(route, RoutePlan):
+        return ", ".join(str(target(h)) for h in route.hops)
+    return route.reason
+
+
+def target(hop: Hop) -> Target:
+    return Target(hop.host, hop.address, hop.port)
+
+
+class Primaries:
+    def __init__(
+        self,
+        store: Store,
+        resolver: Resolver,
+        identity: Identity,
+        policies: Callable[[str], DomainPolicy],
+        port: int,
+        helo: str,
+        timeouts: Timeouts,
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.identity = identity
+        self.policies = policies
+        self.port = port
+        self.helo = helo
+        self.timeouts = timeouts
+        self.on_up: Callable[[str], None] = lambda domain: None  # the deliverer's wake-up
+        self._routes: dict[str, tuple[float, Route]] = {}
+        self._up_since: dict[str, datetime] = {}
+        self._rng = random.Random()
+
+    async def route(self, domain: str, fresh: bool = False) -> Route:
+        cached = self._routes.get(domain)
+        if cached and not fresh and time.monotonic() - cached[0] < ROUTE_TTL:
+            return cached[1]
+        result = await plan(
+            domain,
+            self.resolver,
+            self.identity,
+            self.policies(domain).static_primary,
+            self.port,
+            self._rng,
+        )
+        self._routes[domain] = (time.monotonic(), result)
+        return result
+
+    def in_hold_window(self, domain: str) -> bool:
+        """True while a primary that just came back may still be misconfigured."""
+        policy = self.policies(domain)
+        if policy.on_primary_5xx != "hold":
+            return False
+        since = self._up_since.get(domain)  # unknown (e.g. after a restart): stay careful
+        return since is None or utcnow() - since < timedelta(seconds=policy.hold_window)
+
+    async def observed(
+        self, domain: str, up: bool, detail: str, route: Route | None = None
+    ) -> None:
+        """A delivery or probe result: record it; on down → up, release the domain's mail."""
+        changed = await self.store.set_domain_state(
+            domain,
+            "up" if up else "down",
+            route=describe(route) if route is not None else None,
+            reason="" if up else detail,
+        )
+        if changed:
+            if up:
+                self._up_since[domain] = utcnow()
+                released = await self.store.make_due(domain=domain)
+                log.info("primary_up", domain=domain, released=released, detail=detail)
+                self.on_up(domain)
+            else:
+                self._up_since.pop(domain, None)
+                log.info("primary_down", domain=domain, detail=detail)
+
+    async def probe_all(self) -> None:
+        """The scheduled job: probe every domain with queued mail, concurrently."""
+        domains = await self.store.pending_domains()
+        await asyncio.gather(*(self.probe(d) for d in domains))
+
+    async def probe(self, domain: str) -> tuple[Route, list[tuple[Target, str, float]]]:
+        """Probe the best host of the domain's route; return the route and each try."""
+        route = await self.route(domain, fresh=True)
+        tries: list[tuple[Target, str, float]] = []
+        if not isinstance(route, RoutePlan):
+            await self.store.set_domain_state(
+                domain,
+                "down",
+                route=describe(route),
+                reason=route.reason,
+                probe_result=route.reason,
+            )
+            return route, tries
+        for hop in route.hops:
+            result, seconds = await self.probe_host(target(hop))
+            tries.append((target(hop), result, seconds))
+            if result.startswith("ok"):
+                await self.store.set_domain_state(domain, probe_result=f"{target(hop)} {result}")
+                await self.observed(domain, True, f"probe of {target(hop)}: {result}", route)
+                return route, tries
+        detail = "; ".join(f"{t}: {r}" for t, r, _ in tries)
+        await self.store.set_domain_state(domain, probe_result=detail)
+        await self.observed(domain, False, detail, route)
+        return route, tries
+
+    async def probe_host(self, where: Target) -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            connection = await connect(where, self.helo, "may", "", self.timeouts, starttls=False)
+        except ConnectFailed as error:
+            return str(error), time.monotonic() - started
+        await connection.close()
+        return "ok: EHLO answered", time.monotonic() - started

@@ -1,0 +1,68 @@
+"""What a primary's reply means for a recipient: pure classification.
+
+* ``2xx`` → delivered.
+* ``4xx`` → deferred: back to the queue with backoff.
+* ``5xx`` → bounced, unless the domain asks to *hold* 5xx answers that come
+  within ``hold_window`` after an outage (a primary back with a broken config
+  must not make the backup bounce everything it held).
+
+`Outcome.status` is the enhanced status code for the DSN: the one in the reply
+when there is one (RFC 3463), otherwise derived from the reply class.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    HELD = "held"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    code: int
+    status: str  # RFC 3463 enhanced status, e.g. "5.1.1"
+    text: str  # one line for last_error and the DSN's Diagnostic-Code
+
+    @property
+    def diagnostic(self) -> str:
+        return f"{self.code} {self.text}" if self.code else self.text
+
+
+def enhanced_status(code: int, message: str) -> str:
+    match = _ENHANCED.match(message)
+    if match and match.group(1) == str(code)[0]:
+        return ".".join(match.groups())
+    return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+
+
+def classify(code: int, message: str, *, hold_5xx: bool = False) -> Outcome:
+    """Classify an SMTP reply to MAIL, RCPT or DATA."""
+    text = " ".join(message.split())
+    status = enhanced_status(code, text)
+    if 200 <= code < 300:
+        verdict = Verdict.DELIVERED
+    elif 500 <= code < 600:
+        verdict = Verdict.HELD if hold_5xx else Verdict.BOUNCED
+    else:
+        verdict = Verdict.DEFERRED
+    return Outcome(verdict, code, status, text)
+
+
+def deferred(reason: str, status: str = "4.4.1") -> Outcome:
+    """A failure with no SMTP reply: connection refused, timeout, DNS trouble."""
+    return Outcome(Verdict.DEFERRED, 0, status, reason)
+
+
+def bounced(reason: str, status: str) -> Outcome:
+    """A permanent failure decided without a reply: null MX, NXDOMAIN, SMTPUTF8 needed."""
+    return Outcome(Verdict.BOUNCED, 0, status, reason)
