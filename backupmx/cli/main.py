@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backupmx import config as configuration
 from backupmx.cli import CommandError
+from backupmx.cli import domains as domain_commands
 from backupmx.cli import queue as queue_commands
 from backupmx.logs import configure as configure_logs
 from backupmx.queue.store import UnknownMessage
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database", help="queue database URL, overriding the file")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    serve = verbs.add_parser("serve", help="run the listener (and, later, the deliverer)")
+    serve = verbs.add_parser("serve", help="run the listener, the deliverer and the scheduled probes")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="repeatable")
     serve.add_argument(
         "--domain", action="append", metavar="NAME", help="a domain to back up; repeatable"
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     queue_commands.add_parsers(verbs.add_parser("queue", help="show and manage the held queue"))
+    domain_commands.add_parsers(verbs)
 
     db = verbs.add_parser("db", help="queue database schema").add_subparsers(
         dest="db_verb", required=True
@@ -101,6 +103,10 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
         return 0
     if args.verb == "db":
         return asyncio.run(_db_upgrade(config.database))
+    if args.verb == "domains":
+        return asyncio.run(domain_commands.run_domains(args, config))
+    if args.verb == "probe":
+        return asyncio.run(domain_commands.run_probe(args, config))
     if args.verb == "queue":
         return asyncio.run(queue_commands.run(args, config))
     raise CommandError(f"unknown command {args.verb}")

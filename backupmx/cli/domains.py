@@ -1,0 +1,119 @@
+"""``backupmx domains`` and ``backupmx probe DOMAIN``: where held mail would go, and why it waits.
+
+`domains` lists every configured domain and every domain with mail in the
+queue: the route in use, the primary's state (up/down/unknown) and since when,
+the last probe, queued and held counts, and the age of the oldest message.
+`probe` resolves a domain's route as the deliverer would (after self-pruning)
+and tries an EHLO on each host, with timings; a host that answers marks the
+domain up and makes its queued mail due, as a scheduled probe would.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from backupmx.app import App
+from backupmx.cli.queue import _age, _json, open_store, table
+from backupmx.config import Config, normalize_domain
+from backupmx.deliver.primaries import describe
+from backupmx.deliver.route import RoutePlan
+
+
+def add_parsers(verbs: Any) -> None:
+    domains = verbs.add_parser("domains", help="each domain: route, primary state, held mail")
+    domains.add_argument("--json", action="store_true")
+    probe = verbs.add_parser("probe", help="resolve a domain's route and probe each host")
+    probe.add_argument("domain")
+    probe.add_argument("--json", action="store_true")
+
+
+async def run_domains(args: argparse.Namespace, config: Config) -> int:
+    store = await open_store(config.database)
+    try:
+        states = await store.domain_states()
+        stats = await store.stats()
+    finally:
+        await store.close()
+    queued = {d.domain: d for d in stats.domains}
+    names = sorted({d.name.lstrip(".") for d in config.domain} | set(states) | set(queued))
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        state = states.get(name)
+        counts = queued[name].counts if name in queued else {}
+        oldest = queued[name].oldest if name in queued else None
+        rows.append(
+            {
+                "domain": name,
+                "backed_up": any(d.name.lstrip(".") == name for d in config.domain),
+                "state": state.state if state else "unknown",
+                "since": state.to_json()["since"] if state else None,
+                "route": state.route if state else None,
+                "reason": state.reason if state else None,
+                "last_probe_at": state.to_json()["last_probe_at"] if state else None,
+                "last_probe_result": state.last_probe_result if state else None,
+                "queued": counts.get("queued", 0) + counts.get("sending", 0),
+                "held": counts.get("held", 0),
+                "oldest_received_at": oldest.isoformat().replace("+00:00", "Z") if oldest else None,
+            }
+        )
+    if args.json:
+        print(_json(rows))
+        return 0
+    if not rows:
+        print("no domains configured and nothing queued")
+        return 0
+    print(
+        table(
+            ["DOMAIN", "PRIMARY", "SINCE", "QUEUED", "HELD", "OLDEST", "ROUTE / REASON"],
+            [
+                [
+                    r["domain"],
+                    r["state"],
+                    _age(_parse(r["since"])) if r["since"] else "-",
+                    str(r["queued"]),
+                    str(r["held"]),
+                    _age(_parse(r["oldest_received_at"])) if r["oldest_received_at"] else "-",
+                    (r["reason"] or r["route"] or "") if r["state"] != "up" else (r["route"] or ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+async def run_probe(args: argparse.Namespace, config: Config) -> int:
+    domain = normalize_domain(args.domain)
+    store = await open_store(config.database)
+    try:
+        primaries = App(config, store).primaries()
+        route, tries = await primaries.probe(domain)
+    finally:
+        await store.close()
+    up = any(result.startswith("ok") for _, result, _ in tries)
+    if args.json:
+        print(
+            _json(
+                {
+                    "domain": domain,
+                    "route": describe(route),
+                    "hosts": [
+                        {"host": str(t), "result": r, "seconds": round(s, 3)} for t, r, s in tries
+                    ],
+                    "up": up,
+                }
+            )
+        )
+    else:
+        kind = route.source if isinstance(route, RoutePlan) else "no route"
+        print(f"{domain}: {kind}: {describe(route)}")
+        for where, result, seconds in tries:
+            print(f"  {where}  {seconds * 1000:.0f} ms  {result}")
+        print(f"primary {'up' if up else 'down'}")
+    return 0 if up else 1
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
