@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database", help="queue database URL, overriding the file")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    serve = verbs.add_parser("serve", help="run the listener, the deliverer and the scheduled probes")
+    serve = verbs.add_parser("serve", help="listener, deliverer and probes")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="repeatable")
     serve.add_argument(
         "--domain", action="append", metavar="NAME", help="a domain to back up; repeatable"

@@ -260,5 +260,7 @@ async def _open(
         raise
     except (aiosmtplib.SMTPException, OSError) as error:
         smtp.close()
-        raise ConnectFailed(f"connect to {target}: {error}") from error
+        cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error)
+        raise ConnectFailed(f"connect to {target}: {reason}") from error
     return PrimaryConnection(target, smtp, timeouts, tls=tls, features=dict(smtp.esmtp_extensions))

@@ -33,6 +33,9 @@ from backupmx.queue.store import Store, utcnow
 log = structlog.get_logger("backupmx.deliver")
 
 ROUTE_TTL = 30.0
+# A domain's unchanged state is rewritten at most this often (every delivery
+# reports it; a flush of thousands of messages must not write thousands of rows).
+STATE_REFRESH = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Primaries:
         self.on_up: Callable[[str], None] = lambda domain: None  # the deliverer's wake-up
         self._routes: dict[str, tuple[float, Route]] = {}
         self._up_since: dict[str, datetime] = {}
+        self._written: dict[str, tuple[bool, float]] = {}
         self._rng = random.Random()
 
     async def route(self, domain: str, fresh: bool = False) -> Route:
@@ -105,6 +109,10 @@ class Primaries:
         self, domain: str, up: bool, detail: str, route: Route | None = None
     ) -> None:
         """A delivery or probe result: record it; on down → up, release the domain's mail."""
+        last = self._written.get(domain)
+        if last and last[0] == up and time.monotonic() - last[1] < STATE_REFRESH:
+            return
+        self._written[domain] = (up, time.monotonic())
         changed = await self.store.set_domain_state(
             domain,
             "up" if up else "down",

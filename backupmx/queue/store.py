@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import delete, false, func, insert, select, update
+from sqlalchemy import bindparam, delete, false, func, insert, select, update
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -293,6 +293,62 @@ def _rows(
     return message_rows, recipient_rows
 
 
+@dataclass
+class _Report:
+    """One `Store.record` call on its way through the results writer."""
+
+    owner: str
+    results: Sequence[Result]
+    notices: Sequence[NewMessage]
+    changed: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(n.size for n in self.notices) + 1
+
+
+def _result_statement(event: Event) -> Any:
+    values: dict[str, Any] = {
+        "state": target(event),
+        "last_error": bindparam("error"),
+        "lease_owner": None,
+        "lease_until": None,
+        "updated_at": bindparam("now"),
+    }
+    if event is Event.TEMPFAIL:
+        values["next_attempt_at"] = bindparam("next_attempt_at")
+    return (
+        update(recipients)
+        .where(
+            recipients.c.id == bindparam("recipient_id"),
+            recipients.c.lease_owner == bindparam("owner"),
+            recipients.c.state.in_(sources(event)),
+        )
+        .values(values)
+    )
+
+
+_RESULT_STATEMENTS = {
+    event: _result_statement(event)
+    for event in (Event.SUCCESS, Event.TEMPFAIL, Event.PERMFAIL, Event.QUARANTINE)
+}
+
+
+def _result_params(report: _Report, now: datetime) -> dict[Event, list[dict[str, Any]]]:
+    by_event: dict[Event, list[dict[str, Any]]] = {}
+    for result in report.results:
+        params = {
+            "recipient_id": result.recipient_id,
+            "owner": report.owner,
+            "error": result.error,
+            "now": now,
+        }
+        if result.event is Event.TEMPFAIL:
+            params["next_attempt_at"] = result.next_attempt_at or now
+        by_event.setdefault(result.event, []).append(params)
+    return by_event
+
+
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -319,6 +375,7 @@ class Store:
         self.url = url
         self.engine = open_engine(url)
         self._writer: GroupCommitWriter[NewMessage] = GroupCommitWriter(self._write_batch)
+        self._recorder: GroupCommitWriter[_Report] = GroupCommitWriter(self._record_batch)
         self._writer_engine: Engine | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
 
@@ -331,13 +388,15 @@ class Store:
         return self.engine.dialect.name
 
     def start(self) -> None:
-        """Start the group-commit writer (only the receiver needs it)."""
+        """Start the group-commit writers: receipts, and delivery results (serve only)."""
         self._writer_engine = open_writer_engine(self.url)
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         self._writer.start()
+        self._recorder.start()
 
     async def close(self) -> None:
         await self._writer.stop()
+        await self._recorder.stop()
         if self._writer_thread is not None:
             self._writer_thread.shutdown(wait=True)
         if self._writer_engine is not None:
@@ -420,42 +479,38 @@ class Store:
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
     async def record(
-        self,
-        owner: str,
-        results: Sequence[Result],
-        notices: Sequence[NewMessage] = (),
-        now: datetime | None = None,
+        self, owner: str, results: Sequence[Result], notices: Sequence[NewMessage] = ()
     ) -> int:
         """Apply delivery results to recipients this owner still holds; return rows changed.
 
         `notices` (DSNs for these results) are queued in the same transaction, so a
-        recipient is never bounced without its DSN (invariant 2).
+        recipient is never bounced without its DSN (invariant 2).  Results of
+        concurrent deliveries share a transaction (group commit, as on receipt), so
+        a flush does not pay one fsync per message.
         """
-        now = now or utcnow()
-        changed = 0
-        async with self.engine.begin() as conn:
-            await self._insert(conn, notices, now)
-            for result in results:
-                values: dict[str, Any] = {
-                    "state": target(result.event),
-                    "last_error": result.error,
-                    "lease_owner": None,
-                    "lease_until": None,
-                    "updated_at": now,
-                }
-                if result.event is Event.TEMPFAIL:
-                    values["next_attempt_at"] = result.next_attempt_at or now
-                outcome = await conn.execute(
-                    update(recipients)
-                    .where(
-                        recipients.c.id == result.recipient_id,
-                        recipients.c.lease_owner == owner,
-                        recipients.c.state.in_(sources(result.event)),
-                    )
-                    .values(values)
-                )
-                changed += outcome.rowcount
-        return changed
+        report = _Report(owner, results, notices)
+        await self._recorder.submit(report)
+        return report.changed
+
+    async def _record_batch(self, batch: Sequence[_Report]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_thread, self._record_now, batch)
+
+    def _record_now(self, batch: Sequence[_Report]) -> None:
+        """In the writer thread: every report of the batch in one transaction."""
+        assert self._writer_engine is not None
+        now = utcnow()
+        notices = [n for report in batch for n in report.notices]
+        with self._writer_engine.begin() as conn:
+            if notices:
+                message_rows, recipient_rows = _rows(notices, now)
+                conn.execute(insert(messages), message_rows)
+                conn.execute(insert(recipients), recipient_rows)
+            for report in batch:
+                report.changed = 0
+                for event, params in _result_params(report, now).items():
+                    outcome = conn.execute(_RESULT_STATEMENTS[event], params)
+                    report.changed += outcome.rowcount
 
     @staticmethod
     async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
