@@ -14,11 +14,8 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from backupmx.app import App
 from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.config import Config, normalize_domain
-from backupmx.deliver.primaries import describe
-from backupmx.deliver.route import RoutePlan
 
 
 def add_parsers(verbs: Any) -> None:
@@ -85,6 +82,11 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
 
 
 async def run_probe(args: argparse.Namespace, config: Config) -> int:
+    # The delivery stack costs a third of a second to import; only `probe` needs it.
+    from backupmx.app import App
+    from backupmx.deliver.primaries import describe
+    from backupmx.deliver.route import RoutePlan
+
     domain = normalize_domain(args.domain)
     store = await open_store(config.database)
     try:
