@@ -59,12 +59,13 @@ def load_config(args: argparse.Namespace) -> configuration.Config:
     overrides: dict[str, Any] = {}
     if args.database:
         overrides["database"] = args.database
-    if getattr(args, "listen", None):
-        overrides["listen"] = args.listen
-    if getattr(args, "domain", None):
-        overrides["domain"] = [{"name": name} for name in args.domain]
-    if getattr(args, "hostname", None):
-        overrides["hostname"] = args.hostname
+    if args.verb == "serve":  # quick-start flags; `queue list --domain` is a filter
+        if args.listen:
+            overrides["listen"] = args.listen
+        if args.domain:
+            overrides["domain"] = [{"name": name} for name in args.domain]
+        if args.hostname:
+            overrides["hostname"] = args.hostname
     return configuration.load(configuration.default_path(args.config), overrides)
 
 

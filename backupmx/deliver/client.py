@@ -236,6 +236,10 @@ async def _open(
         greeting = await smtp.connect(timeout=timeouts.connect)
         if greeting.code != 220:
             raise ConnectFailed(f"{target} greeted with {greeting.code} {greeting.message}")
+        if greeting.message.split(" ", 1)[0].lower() == helo.lower():
+            # Postfix's last line of defence against loops: the "primary" is us,
+            # reached through an address our self-detection did not know.
+            raise ConnectFailed(f"mail for {target} loops back to myself")
         ehlo = await smtp.ehlo()
         if ehlo.code != 250:
             raise ConnectFailed(f"{target} refused EHLO: {ehlo.code} {ehlo.message}")

@@ -7,12 +7,12 @@ permanent 500.  `DataDecoder` is fed whatever the socket delivers and:
 
 * ends the message only at ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4).  Bare LF or CR
   never ends it, which closes the SMTP-smuggling class of CVE-2023-51764;
-* cuts the stream at the last CRLF seen, turns bare CR or LF into CRLF
+* cuts the stream at the last line ending seen, turns bare CR or LF into CRLF
   ("normalize", Postfix 3.9's default) or only notes them ("reject"), and
   removes the leading dot of every line (RFC 5321 §4.5.2) with one
   ``bytes.replace`` per block, so the work is done at C speed;
 * passes the decoded blocks to a sink (the spool) and keeps only the tail after
-  the last CRLF, so memory stays bounded by the longest line;
+  the last line ending, so memory stays bounded by the longest line;
 * counts raw bytes against the size limit and, once past it, only scans for the
   end so that the 552 reply comes after the client's final dot (RFC 5321 §4.2.5).
 
@@ -60,13 +60,15 @@ class DataDecoder:
             self.too_big = True
             del self._pending[:-4]  # from here on, only the end marker matters
             return len(chunk)
-        cut = self._pending.rfind(b"\r\n")
-        if cut > 0:
-            self._decode(cut)
+        # Cut before the last line ending (CRLF, or a bare LF) of the new bytes only:
+        # rescanning the whole tail would make a body without CRLF quadratic.
+        newline = self._pending.rfind(b"\n", max(start, 1))
+        if newline > 0:
+            self._decode(newline - 1 if self._pending[newline - 1] == 13 else newline)
         return len(chunk)
 
     def _decode(self, cut: int) -> None:
-        """Decode pending[:cut], which starts with the CRLF before its first line."""
+        """Decode pending[:cut], which starts with the line ending before its first line."""
         if cut == 0:
             return
         block = bytes(self._pending[:cut])
