@@ -213,12 +213,12 @@ async def _run_until_stopped(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await stop.wait()
     log.info("stopping")
+    # The handlers stay for the drain that follows: a second SIGTERM, or logrotate's
+    # SIGHUP, must not kill a process that is finishing sessions in DATA.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: log.info("already_stopping"))
 
 
 def _safe_url(url: str) -> str:

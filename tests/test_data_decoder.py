@@ -9,9 +9,11 @@ import pytest
 from backupmx.receive.data import DataDecoder, count_received_headers
 
 
-def decode(stream: bytes, *, normalize: bool = True, max_size: int = 10**9, chunk: int = 0):
+def decode(
+    stream: bytes, *, normalize: bool = True, max_size: int = 10**9, chunk: int = 0, block: int = 1
+):
     out: list[bytes] = []
-    decoder = DataDecoder(out.append, max_size, normalize)
+    decoder = DataDecoder(out.append, max_size, normalize, block)
     used = 0
     pieces = (
         [stream] if not chunk else [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
@@ -76,12 +78,18 @@ def test_too_big_is_reported_after_the_end() -> None:
 
 def test_any_chunking_gives_the_same_result() -> None:
     rng = random.Random(5321)
-    alphabet = [b"a", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b".."]
-    for _ in range(300):
+    alphabet = [b"a", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b"..", b"\r\r", b"\n\n"]
+    for _ in range(500):
         stream = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) + b"\r\n.\r\n"
-        whole = decode(stream)
-        for chunk in (1, 2, 3, 7):
-            assert decode(stream, chunk=chunk)[0] == whole[0], stream
+        for normalize in (True, False):
+            body, whole, _ = decode(stream, block=10**9, normalize=normalize)
+            for chunk in (1, 2, 3, 7):
+                for block in (1, 2, 4, 9, 16):
+                    again, decoder, _ = decode(
+                        stream, chunk=chunk, block=block, normalize=normalize
+                    )
+                    assert again == body, stream
+                    assert decoder.bare_newline == whole.bare_newline, stream
 
 
 def test_received_headers_counted_in_header_section_only() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import defaultdict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class Deliverer:
         try:
             while True:
                 await self._wait_for_room()
+                claimed_at = time.monotonic()
                 claims = await self.store.claim(
                     self.owner,
                     min(CLAIM_BATCH, IN_FLIGHT - self._in_flight),
@@ -122,7 +124,7 @@ class Deliverer:
                 for claim in claims:
                     by_domain[claim.domain].append(claim)
                 for domain, group in by_domain.items():
-                    self._spawn(self._deliver_domain(domain, group))
+                    self._spawn(self._deliver_domain(domain, group, claimed_at))
         finally:
             await self.stop()
 
@@ -152,7 +154,7 @@ class Deliverer:
 
     # ------------------------------------------------------------------ one domain
 
-    async def _deliver_domain(self, domain: str, claims: list[Claim]) -> None:
+    async def _deliver_domain(self, domain: str, claims: list[Claim], claimed_at: float) -> None:
         try:
             route = await self.primaries.route(domain)
             if not isinstance(route, RoutePlan):
@@ -169,10 +171,12 @@ class Deliverer:
             by_message: dict[str, list[Claim]] = defaultdict(list)
             for claim in claims:
                 by_message[claim.message_id].append(claim)
+            # A message deleted by an admin since the claim has no recipients left to send.
             await asyncio.gather(
                 *(
-                    self._deliver_message(domain, route, messages[mid], group)
+                    self._deliver_message(domain, route, messages[mid], group, claimed_at)
                     for mid, group in by_message.items()
+                    if mid in messages
                 )
             )
         except Exception as error:
@@ -191,8 +195,19 @@ class Deliverer:
             await self._done(len(claims))
 
     async def _deliver_message(
-        self, domain: str, route: RoutePlan, message: Outbound, claims: list[Claim]
+        self,
+        domain: str,
+        route: RoutePlan,
+        message: Outbound,
+        claims: list[Claim],
+        claimed_at: float,
     ) -> None:
+        down = self.primaries.down_since(domain)
+        if down is not None and down[0] >= claimed_at:
+            # The primary failed while this message waited for its turn (Postfix's
+            # dead destination): defer without knocking; the probes take over.
+            await self._record(message, claims, [deferred(down[1])] * len(claims), None, True)
+            return
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
         tls = self.primaries.policies(domain).tls

@@ -80,6 +80,7 @@ class Primaries:
         self._routes: dict[str, tuple[float, Route]] = {}
         self._up_since: dict[str, datetime] = {}
         self._written: dict[str, tuple[bool, float]] = {}
+        self._down: dict[str, tuple[float, str]] = {}  # monotonic time it failed, why
         self._rng = random.Random()
 
     async def route(self, domain: str, fresh: bool = False) -> Route:
@@ -109,6 +110,10 @@ class Primaries:
         self, domain: str, up: bool, detail: str, route: Route | None = None
     ) -> None:
         """A delivery or probe result: record it; on down → up, release the domain's mail."""
+        if up:
+            self._down.pop(domain, None)
+        elif domain not in self._down:
+            self._down[domain] = (time.monotonic(), detail)
         last = self._written.get(domain)
         if last and last[0] == up and time.monotonic() - last[1] < STATE_REFRESH:
             return
@@ -128,6 +133,10 @@ class Primaries:
             else:
                 self._up_since.pop(domain, None)
                 log.info("primary_down", domain=domain, detail=detail)
+
+    def down_since(self, domain: str) -> tuple[float, str] | None:
+        """When (monotonic) and why this process last saw the domain fail, if it is down."""
+        return self._down.get(domain)
 
     async def probe_all(self) -> None:
         """The scheduled job: probe every domain with queued mail, concurrently."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, false, func, insert, select, update
+from sqlalchemy import bindparam, delete, false, func, insert, or_, select, update
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -322,7 +322,8 @@ def _result_statement(event: Event) -> Any:
         .where(
             recipients.c.id == bindparam("recipient_id"),
             recipients.c.lease_owner == bindparam("owner"),
-            recipients.c.state.in_(sources(event)),
+            # Not IN (…): SQLAlchemy cannot expand IN lists inside executemany.
+            or_(*(recipients.c.state == state for state in sources(event))),
         )
         .values(values)
     )

@@ -12,7 +12,8 @@ permanent 500.  `DataDecoder` is fed whatever the socket delivers and:
   removes the leading dot of every line (RFC 5321 §4.5.2) with one
   ``bytes.replace`` per block, so the work is done at C speed;
 * passes the decoded blocks to a sink (the spool) and keeps only the tail after
-  the last line ending, so memory stays bounded by the longest line;
+  the last line ending (or at most a block of one long line), so memory per
+  session stays bounded whatever the client sends;
 * counts raw bytes against the size limit and, once past it, only scans for the
   end so that the 552 reply comes after the client's final dot (RFC 5321 §4.2.5).
 
@@ -25,11 +26,19 @@ import re
 from collections.abc import Callable
 
 END_OF_DATA = b"\r\n.\r\n"
+DECODE_BLOCK = 64 * 1024  # bytes gathered before a decode pass (bounds memory per session)
 _BARE = re.compile(rb"\r\n|\r|\n")
 
 
 class DataDecoder:
-    def __init__(self, sink: Callable[[bytes], None], max_size: int, normalize: bool) -> None:
+    def __init__(
+        self,
+        sink: Callable[[bytes], None],
+        max_size: int,
+        normalize: bool,
+        block: int = DECODE_BLOCK,
+    ) -> None:
+        self._block = block
         self._sink = sink
         self._max_size = max_size
         self._normalize = normalize
@@ -40,6 +49,7 @@ class DataDecoder:
         self.too_big = False
         self.bare_newline = False  # a bare CR or LF was seen
         self.done = False
+        self._scanned = 0  # pending[:_scanned] holds no line ending but its first
 
     def feed(self, chunk: bytes) -> int:
         """Take raw bytes; return how many were part of the message (all, until the end)."""
@@ -60,18 +70,30 @@ class DataDecoder:
             self.too_big = True
             del self._pending[:-4]  # from here on, only the end marker matters
             return len(chunk)
+        if len(self._pending) < self._block:
+            return len(chunk)  # sockets deliver a few KiB at a time: decode in bulk
         # Cut before the last line ending (CRLF, or a bare LF) of the new bytes only:
         # rescanning the whole tail would make a body without CRLF quadratic.
-        newline = self._pending.rfind(b"\n", max(start, 1))
+        newline = self._pending.rfind(b"\n", max(self._scanned, 1))
         if newline > 0:
             self._decode(newline - 1 if self._pending[newline - 1] == 13 else newline)
+        elif len(self._pending) > max(self._block, 8):
+            # One long line: pass it on too, so a body that is a single 50 MiB line
+            # costs no more memory.  The last 4 bytes stay: they hold no LF, so no
+            # CRLF is split, and an end marker starting there is still seen.  A bare
+            # CR (a line ending once normalised) stays with the line it ends, so the
+            # next line's leading dot is unstuffed in the same block.
+            cut = len(self._pending) - 4
+            self._decode(cut - (self._pending[cut - 1] == 13))
+        self._scanned = len(self._pending) - 1
         return len(chunk)
 
     def _decode(self, cut: int) -> None:
         """Decode pending[:cut], which starts with the line ending before its first line."""
         if cut == 0:
             return
-        block = bytes(self._pending[:cut])
+        with memoryview(self._pending) as view:
+            block = bytes(view[:cut])
         del self._pending[:cut]
         if self.too_big:
             return
