@@ -45,7 +45,11 @@ def test_readme_quick_start_installs_and_holds_mail(tmp_path: Path) -> None:
             shutil.copy2(ROOT / name, target)
     log = (tmp_path / "quickstart.log").open("wb")
     process = subprocess.Popen(
-        ["bash", "-c", serve], cwd=checkout, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        ["bash", "-c", serve],
+        cwd=checkout,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_port("127.0.0.1", 2525, timeout=300)
