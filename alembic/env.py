@@ -5,6 +5,7 @@ which puts an open connection in ``config.attributes["connection"]``.
 """
 
 from alembic import context
+
 from backupmx.queue.models import metadata
 
 connection = context.config.attributes["connection"]

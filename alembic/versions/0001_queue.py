@@ -6,8 +6,8 @@ Create Date: 2026-11-26
 """
 
 import sqlalchemy as sa
-
 from alembic import op
+
 from backupmx.queue.models import UTCDateTime
 
 revision = "0001"

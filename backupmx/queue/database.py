@@ -104,9 +104,8 @@ def migrations_directory() -> Path:
 
 async def upgrade(engine: AsyncEngine) -> None:
     """alembic upgrade head, on this engine (serve runs it at start-up)."""
-    from alembic.config import Config
-
     from alembic import command
+    from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(migrations_directory()))
