@@ -107,6 +107,7 @@ class Deliverer:
         try:
             while True:
                 await self._wait_for_room()
+                await self.store.park_down(utcnow() + timedelta(seconds=self.settings.retry_min))
                 claimed_at = time.monotonic()
                 claims = await self.store.claim(
                     self.owner,
@@ -211,7 +212,7 @@ class Deliverer:
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
         tls = self.primaries.policies(domain).tls
-        for hop in route.hops:
+        for hop in self.primaries.hops(route):
             where = target(hop)
             pacer = self.pacers[where.address]
             async with pacer.slot():
@@ -295,14 +296,19 @@ class Deliverer:
         dsn_supported: bool,
     ) -> None:
         now = utcnow()
+        # One retry time for the whole message, so its deferred recipients go out
+        # together again, in one transaction with the primary.
+        retry_at = next_attempt(
+            now,
+            max(c.attempts for c in claims),
+            self.settings.retry_min,
+            self.settings.retry_max,
+            self._rng,
+        )
         results = []
         for claim, outcome in zip(claims, outcomes, strict=True):
             event = _EVENTS[outcome.verdict]
-            when = None
-            if event is Event.TEMPFAIL:
-                when = next_attempt(
-                    now, claim.attempts, self.settings.retry_min, self.settings.retry_max, self._rng
-                )
+            when = retry_at if event is Event.TEMPFAIL else None
             error = None if event is Event.SUCCESS else outcome.diagnostic
             results.append(Result(claim.recipient_id, event, error, when))
             log.info(

@@ -27,7 +27,7 @@ import structlog
 
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
 from backupmx.deliver.resolver import Resolver
-from backupmx.deliver.route import Hop, Identity, Route, RoutePlan, plan
+from backupmx.deliver.route import Bounce, Hop, Identity, Route, RoutePlan, plan
 from backupmx.queue.store import Store, utcnow
 
 log = structlog.get_logger("backupmx.deliver")
@@ -98,6 +98,22 @@ class Primaries:
         self._routes[domain] = (time.monotonic(), result)
         return result
 
+    def hops(self, route: RoutePlan) -> list[Hop]:
+        """The route's hosts for one message: equal preferences in a fresh random order
+        each time (RFC 5321 §5.1), so a cached route still spreads the load; a host's
+        addresses stay together, and a static route keeps the order it was given."""
+        if route.source == "static":
+            return list(route.hops)
+        groups: dict[int, dict[str, list[Hop]]] = {}
+        for hop in route.hops:
+            groups.setdefault(hop.preference, {}).setdefault(hop.host, []).append(hop)
+        ordered: list[Hop] = []
+        for preference in sorted(groups):
+            hosts = list(groups[preference].values())
+            self._rng.shuffle(hosts)
+            ordered += [hop for host in hosts for hop in host]
+        return ordered
+
     def in_hold_window(self, domain: str) -> bool:
         """True while a primary that just came back may still be misconfigured."""
         policy = self.policies(domain)
@@ -147,14 +163,20 @@ class Primaries:
         """Probe the best host of the domain's route; return the route and each try."""
         route = await self.route(domain, fresh=True)
         tries: list[tuple[Target, str, float]] = []
+        if isinstance(route, Bounce):
+            # Nothing to wait for: the deliverer bounces the domain's mail at once.
+            await self.store.set_domain_state(
+                domain, "unknown", route=describe(route), reason=route.reason,
+                probe_result=route.reason,
+            )  # fmt: skip
+            await self.store.make_due(domain=domain, retry_down=True)
+            self.on_up(domain)
+            return route, tries
         if not isinstance(route, RoutePlan):
             await self.store.set_domain_state(
-                domain,
-                "down",
-                route=describe(route),
-                reason=route.reason,
+                domain, "down", route=describe(route), reason=route.reason,
                 probe_result=route.reason,
-            )
+            )  # fmt: skip
             return route, tries
         for hop in route.hops:
             result, seconds = await self.probe_host(target(hop))

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, false, func, insert, or_, select, update
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy import Table, bindparam, delete, false, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Dialect, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import open_engine, open_writer_engine
@@ -293,6 +293,46 @@ def _rows(
     return message_rows, recipient_rows
 
 
+class _Inserter:
+    """The inserts of new messages and recipients, compiled once for the writer's
+    dialect and run with the driver's own executemany.  SQLAlchemy's per-execution
+    machinery measured more CPU than SQLite's work itself, and in the writer thread
+    it holds the GIL the event loop needs."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._prepared: dict[str, tuple[str, list[str], list[Any]]] = {}
+
+    def run(
+        self,
+        conn: Connection,
+        message_rows: list[dict[str, Any]],
+        recipient_rows: list[dict[str, Any]],
+    ) -> None:
+        cursor = conn.connection.cursor()
+        try:
+            for table, rows in ((messages, message_rows), (recipients, recipient_rows)):
+                if rows:
+                    cursor.executemany(*self._parameters(table, rows))
+        finally:
+            cursor.close()
+
+    def _parameters(self, table: Table, rows: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+        prepared = self._prepared.get(table.name)
+        if prepared is None:
+            keys = list(rows[0])
+            compiled = insert(table).compile(dialect=self._dialect, column_keys=keys)
+            order = list(compiled.positiontup or []) if self._dialect.positional else keys
+            processors = [table.c[key].type.bind_processor(self._dialect) for key in order]
+            prepared = self._prepared[table.name] = (str(compiled), order, processors)
+        sql, order, processors = prepared
+        pairs = list(zip(order, processors, strict=True))
+        values = [[p(row[k]) if p else row[k] for k, p in pairs] for row in rows]
+        if self._dialect.positional:
+            return sql, [tuple(v) for v in values]
+        return sql, [dict(zip(order, v, strict=True)) for v in values]
+
+
 @dataclass
 class _Report:
     """One `Store.record` call on its way through the results writer."""
@@ -378,6 +418,7 @@ class Store:
         self._writer: GroupCommitWriter[NewMessage] = GroupCommitWriter(self._write_batch)
         self._recorder: GroupCommitWriter[_Report] = GroupCommitWriter(self._record_batch)
         self._writer_engine: Engine | None = None
+        self._inserter: _Inserter | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -391,6 +432,7 @@ class Store:
     def start(self) -> None:
         """Start the group-commit writers: receipts, and delivery results (serve only)."""
         self._writer_engine = open_writer_engine(self.url)
+        self._inserter = _Inserter(self._writer_engine.dialect)
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         self._writer.start()
         self._recorder.start()
@@ -415,11 +457,10 @@ class Store:
 
     def _write_batch_now(self, batch: Sequence[NewMessage]) -> None:
         """In the writer thread: read the spooled bodies, insert, commit (one fsync)."""
-        assert self._writer_engine is not None
-        message_rows, recipient_rows = _rows(batch, utcnow())
+        assert self._writer_engine is not None and self._inserter is not None
+        rows = _rows(batch, utcnow())
         with self._writer_engine.begin() as conn:
-            conn.execute(insert(messages), message_rows)
-            conn.execute(insert(recipients), recipient_rows)
+            self._inserter.run(conn, *rows)
 
     # ------------------------------------------------------------------ deliver
 
@@ -479,6 +520,34 @@ class Store:
             rows = (await conn.execute(statement)).all()
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
+    async def park_down(self, until: datetime, now: datetime | None = None) -> int:
+        """Due recipients of domains whose primary is down wait until `until` (or until
+        a probe finds the primary back and `make_due` releases them).  New mail for a
+        dead primary is touched once here instead of being scanned by every claim."""
+        now = now or utcnow()
+        down = select(domains.c.name).where(domains.c.state == "down")
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients)
+                .where(
+                    recipients.c.state == State.QUEUED.value,
+                    recipients.c.next_attempt_at <= now,
+                    recipients.c.domain.in_(down),
+                )
+                .values(
+                    next_attempt_at=until,
+                    updated_at=now,
+                    # Mail that never got a try still says why it waits.
+                    last_error=func.coalesce(
+                        recipients.c.last_error,
+                        select(domains.c.reason)
+                        .where(domains.c.name == recipients.c.domain)
+                        .scalar_subquery(),
+                    ),
+                )
+            )
+        return outcome.rowcount
+
     async def record(
         self, owner: str, results: Sequence[Result], notices: Sequence[NewMessage] = ()
     ) -> int:
@@ -504,9 +573,8 @@ class Store:
         notices = [n for report in batch for n in report.notices]
         with self._writer_engine.begin() as conn:
             if notices:
-                message_rows, recipient_rows = _rows(notices, now)
-                conn.execute(insert(messages), message_rows)
-                conn.execute(insert(recipients), recipient_rows)
+                assert self._inserter is not None
+                self._inserter.run(conn, *_rows(notices, now))
             for report in batch:
                 report.changed = 0
                 for event, params in _result_params(report, now).items():

@@ -12,6 +12,7 @@ Failures raise `AddressError` carrying the SMTP reply to send.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -53,7 +54,7 @@ _ROUTE = re.compile(
 _MAX_LOCAL, _MAX_DOMAIN, _MAX_PATH = 64, 255, 256  # RFC 5321 §4.5.3.1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # cached_property needs the instance __dict__: no slots
 class Address:
     local: str  # as sent, quotes included
     domain: str  # as sent (may be a U-label name or an address literal)
@@ -61,7 +62,7 @@ class Address:
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
 
-    @property
+    @functools.cached_property
     def routing_domain(self) -> str:
         """The domain in the form we match and route on: lower-case A-labels."""
         if self.domain.startswith("["):

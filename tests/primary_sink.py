@@ -1,0 +1,222 @@
+"""Primaries for the delivery tests: Postfix's smtp-sink, and an aiosmtpd stand-in for the
+one thing smtp-sink cannot do (refuse some recipients of a transaction and take others).
+
+`SmtpSink` runs ``/usr/sbin/smtp-sink`` on a loopback address and dumps every
+transaction it accepts to one file (``-d DIR/%M.``).  As root smtp-sink must
+drop privileges (``-u nobody``), so the dump directory is a world-writable
+temporary directory outside pytest's 0700 ``tmp_path``; it is removed by
+`close`.  Extra options choose the replies: ``-r RCPT`` (450 to every RCPT),
+``-f RCPT`` (500-class), ``-Q MAIL`` (421 and disconnect); see smtp-sink(1).
+
+The dump format (smtp-sink(1), DUMP FILE FORMAT) has LF line ends: smtp-sink
+strips each line's CRLF and writes LF, undoes dot-stuffing, and ends the record
+with an empty line.  `Dumped.content` is the message as the client sent it
+(after un-stuffing), with LF; compare it with ``stored.replace(b"\\r\\n", b"\\n")``
+— exact, because a stored body has no bare CR or LF (design.md invariant 6).
+
+Every wait is bounded: start-up by `START_SECONDS`, stop by `STOP_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+START_SECONDS = 10.0
+STOP_SECONDS = 10.0
+BACKLOG = 128
+_ADDRESS = re.compile(r"<([^>]*)>")
+
+
+@dataclass(frozen=True)
+class Dumped:
+    """One transaction smtp-sink accepted."""
+
+    path: Path
+    mail_args: str  # "<alice@sender.test> SIZE=123"
+    rcpt_args: tuple[str, ...]  # one per RCPT command, in order
+    content: bytes  # the message as received, LF line ends
+
+    @property
+    def sender(self) -> str:
+        match = _ADDRESS.match(self.mail_args)
+        assert match, self.mail_args
+        return match.group(1)
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        found = []
+        for args in self.rcpt_args:
+            match = _ADDRESS.match(args)
+            assert match, args
+            found.append(match.group(1))
+        return tuple(found)
+
+
+def parse_dump(path: Path) -> Dumped:
+    lines = path.read_bytes().split(b"\n")
+    # smtp-sink's own Received: (three lines: "from …", "\tby … (smtp-sink) …", "\tdate")
+    # ends its headers; our Received: is the first line of the content after it.
+    received = next(i for i, line in enumerate(lines) if line.startswith(b"Received: "))
+    mail_args = ""
+    rcpt_args: list[str] = []
+    for line in lines[:received]:
+        name, _, value = line.decode().partition(": ")
+        if name == "X-Mail-Args":
+            mail_args = value
+        elif name == "X-Rcpt-Args":
+            rcpt_args.append(value)
+    start = received + 3
+    assert all(x.startswith(b"\t") for x in lines[received + 1 : start]), path
+    content = b"\n".join(lines[start:])
+    assert content.endswith(b"\n\n") or content == b"\n", f"{path}: incomplete dump"
+    return Dumped(path, mail_args, tuple(rcpt_args), content[:-1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class SmtpSink:
+    """One smtp-sink process on ``host:port`` that dumps what it accepts."""
+
+    def __init__(self, host: str, port: int, *options: str, name: str = "primary.test") -> None:
+        self.host = host
+        self.port = port
+        self.options = options
+        self.name = name
+        self.dump_dir = Path(tempfile.mkdtemp(prefix="backupmx-sink-"))
+        self.dump_dir.chmod(0o777)  # smtp-sink writes as nobody
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self, *options: str) -> SmtpSink:
+        """Start (again), optionally with other reply options; wait for the port."""
+        assert self.process is None, "already running"
+        if options:
+            self.options = options
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.process = subprocess.Popen(
+            [
+                SMTP_SINK,
+                *user,
+                "-d",
+                f"{self.dump_dir}/%M.",
+                "-h",
+                self.name,
+                *self.options,
+                f"{self.host}:{self.port}",
+                str(BACKLOG),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + START_SECONDS
+        while not _port_open(self.host, self.port):
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode() if self.process.stderr else ""
+                self.process = None
+                raise RuntimeError(f"smtp-sink on {self.host}:{self.port} exited: {error}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"smtp-sink did not listen on {self.host}:{self.port}")
+            time.sleep(0.02)
+        self.started_at = time.monotonic()
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dump_dir, ignore_errors=True)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.dump_dir.rglob("*") if p.is_file())
+
+    def count(self) -> int:
+        return len(self.files())
+
+    def messages(self) -> list[Dumped]:
+        return [parse_dump(path) for path in self.files()]
+
+
+# --------------------------------------------------------------------------- aiosmtpd
+
+
+@dataclass
+class Transaction:
+    sender: str
+    recipients: list[str]
+    content: bytes  # as received, CRLF line ends, dot-stuffing undone
+
+
+@dataclass
+class _PickyHandler:
+    refuse: dict[str, str]  # address -> reply
+    received: list[Transaction] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.refuse.get(address.lower())
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.received.append(
+                Transaction(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
+            )
+        return "250 2.0.0 Ok: queued"
+
+
+class PickyPrimary:
+    """An aiosmtpd primary that refuses some recipients (e.g. 550 5.1.1) and takes the rest."""
+
+    def __init__(self, host: str, port: int, refuse: dict[str, str]) -> None:
+        self.handler = _PickyHandler({k.lower(): v for k, v in refuse.items()})
+        self.controller = Controller(
+            self.handler, hostname=host, port=port, ready_timeout=START_SECONDS
+        )
+
+    @property
+    def received(self) -> list[Transaction]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    def start(self) -> PickyPrimary:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
