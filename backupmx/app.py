@@ -11,6 +11,12 @@ per-domain delivery settings); a file with errors is refused and the running
 configuration kept.  SIGTERM/SIGINT drain the listener (design.md §4), stop the
 deliverer, give back its leases and close the store, so nothing is left
 half-written.
+
+Under systemd (``Type=notify``): READY=1 once the schema is migrated, the
+listeners are bound and the signal handlers are in place; STATUS= with the queue
+size every ``metrics.status_interval``; WATCHDOG=1 from the event loop; STOPPING=1
+when the drain begins.  The metrics endpoint (``[metrics] listen``) runs on the
+same loop until the store closes.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import signal
 import socket
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import structlog
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from backupmx import config as configuration
+from backupmx import metrics
 from backupmx.bounce.notices import Notices
 from backupmx.config import parse_host_port
 from backupmx.deliver.client import Timeouts
@@ -33,10 +42,13 @@ from backupmx.deliver.pacer import Pacers
 from backupmx.deliver.primaries import DomainPolicy, Primaries
 from backupmx.deliver.resolver import Resolver
 from backupmx.deliver.route import Identity, local_addresses
-from backupmx.queue.database import upgrade
+from backupmx.notify import Notifier
+from backupmx.queue.database import safe_url, upgrade
 from backupmx.queue.state import Event
-from backupmx.queue.store import Store, utcnow
+from backupmx.queue.store import NewMessage, Overdue, Store, utcnow
+from backupmx.receive.clients import ClientChecks
 from backupmx.receive.listener import Listener, policy_from
+from backupmx.receive.recipients import CacheKeeper, PrimaryCallout, Verifier
 
 log = structlog.get_logger("backupmx")
 
@@ -48,6 +60,33 @@ def node_name(hostname: str) -> str:
     return f"{socket.gethostname()}:{hostname}"
 
 
+class JobExecutor(AsyncIOExecutor):  # type: ignore[misc]
+    """APScheduler's asyncio executor, except that its shutdown lets running jobs finish
+    instead of cancelling them, and that their end can be awaited: a job cancelled in the
+    middle of a query leaves a task behind that asyncio.run waits for forever at exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running: list[asyncio.Future[Any]] = []
+        self._stopped = asyncio.Event()
+
+    def shutdown(self, wait: bool = True) -> None:
+        # AsyncIOScheduler.shutdown calls this later, from the event loop (call_soon).
+        self._running = [f for f in self._pending_futures if not f.done()]
+        self._pending_futures.clear()
+        self._stopped.set()
+
+    async def finished(self, grace: float) -> None:
+        """Wait for the jobs that were running at shutdown; cancel what outlasts `grace`."""
+        await self._stopped.wait()
+        if not self._running:
+            return
+        _, late = await asyncio.wait(self._running, timeout=grace)
+        for job in late:
+            job.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+
 class App:
     """Holds the running configuration; everything reads its part from here on use."""
 
@@ -57,16 +96,22 @@ class App:
         self.notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
 
     def domain_policy(self, domain: str) -> DomainPolicy:
+        """The [[domain]] entry for `domain`: its exact name, else the closest ".parent"."""
         delivery = self.config.delivery
-        for entry in self.config.domain:
-            if entry.name == domain:
-                return DomainPolicy(
-                    static_primary=entry.primary,
-                    on_primary_5xx=entry.on_primary_5xx,
-                    hold_window=entry.hold_window,
-                    tls=entry.tls or delivery.tls,
-                )
-        return DomainPolicy(tls=delivery.tls)
+        covering = [
+            entry
+            for entry in self.config.domain
+            if entry.name == domain or (entry.name.startswith(".") and domain.endswith(entry.name))
+        ]
+        if not covering:
+            return DomainPolicy(tls=delivery.tls)
+        entry = max(covering, key=lambda e: (e.name == domain, len(e.name)))
+        return DomainPolicy(
+            static_primary=entry.primary,
+            on_primary_5xx=entry.on_primary_5xx,
+            hold_window=entry.hold_window,
+            tls=entry.tls or delivery.tls,
+        )
 
     def primaries(self) -> Primaries:
         config = self.config
@@ -118,7 +163,7 @@ class App:
         await self.store.release_expired_leases(now)
         expired = await self.store.sweep(
             Event.EXPIRE,
-            self.notices.for_expired,
+            self._expired,
             older_than=now - timedelta(seconds=delivery.max_queue_lifetime),
         )
         if expired:
@@ -132,9 +177,24 @@ class App:
             if warned:
                 log.info("delay_warnings_queued", count=warned)
 
+    def _expired(self, overdue: list[Overdue]) -> list[NewMessage]:
+        metrics.recipients_expired(o.address for o in overdue)
+        return self.notices.for_expired(overdue)
+
+    async def report_status(self, notifier: Notifier) -> None:
+        """STATUS= for `systemctl status`: the queue size and the primaries that are down."""
+        try:
+            view = await metrics.QueueView.read(self.store)
+        except Exception as error:
+            notifier.status(f"queue database unreachable: {error}")
+            return
+        notifier.status(view.summary())
+
 
 async def serve(config: configuration.Config, reload: Callable[[], configuration.Config]) -> None:
+    notifier = Notifier.from_environment()
     store = Store.open(config.database)
+    endpoint: metrics.Endpoint | None = None
     try:
         await upgrade(store.engine)
         owner = node_name(config.hostname)
@@ -152,9 +212,23 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
             deliverer.wake(domain)
             return due
 
-        listener = Listener(policy_from(config), store, etrn)
+        callout = PrimaryCallout(primaries.route, config.hostname, app.timeouts())
+        checks = ClientChecks(store, Verifier(store, callout), primaries.resolver.addresses)
+        listener = Listener(policy_from(config), store, etrn, checks)
         await listener.start([(a.host, a.port) for a in config.listen_addresses()])
-        scheduler = AsyncIOScheduler()
+        metrics.follow(listener.policy.relay_domains)
+        endpoint = metrics.Endpoint(
+            metrics.Sources(
+                store,
+                lambda: not listener.draining,
+                [str(a) for a in config.listen_addresses()],
+                deliverer.pacers.windows,
+                config.metrics.store_timeout,
+            )
+        )
+        await endpoint.start(config.metrics.listen)
+        jobs = JobExecutor()
+        scheduler = AsyncIOScheduler(executors={"default": jobs})
         scheduler.add_job(
             primaries.probe_all,
             "interval",
@@ -171,28 +245,59 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
             max_instances=1,
             coalesce=True,
         )
+        scheduler.add_job(
+            CacheKeeper(store, lambda: app.config).run,
+            "interval",
+            seconds=HOUSEKEEPING_SECONDS,
+            max_instances=1,
+            coalesce=True,
+        )
+        if notifier.address:
+            scheduler.add_job(
+                app.report_status,
+                "interval",
+                args=[notifier],
+                seconds=config.metrics.status_interval,
+                next_run_time=utcnow(),  # jobs start from the loop, after READY=1 below
+                max_instances=1,
+                coalesce=True,
+            )
         scheduler.start()
         delivering = asyncio.get_running_loop().create_task(deliverer.run(), name="deliverer")
+        watchdog = asyncio.get_running_loop().create_task(notifier.run_watchdog(), name="watchdog")
         log.info(
             "started",
             hostname=config.hostname,
-            database=_safe_url(config.database),
+            database=safe_url(config.database),
             domains=[d.name for d in config.domain],
         )
+
+        # READY=1 on the loop's next turn: by then _run_until_stopped has installed the
+        # signal handlers, so a stop right after READY drains instead of killing.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(notifier.ready, "accepting mail on " + ", ".join(config.listen))
 
         def reloaded(new: configuration.Config) -> None:
             app.config = new
             listener.reload(policy_from(new))
+            metrics.follow(listener.policy.relay_domains)
 
         await _run_until_stopped(reloaded, reload)
-        await listener.drain()
+        notifier.stopping("draining: finishing sessions in DATA")
+        scheduler.pause()  # no new runs from here; running ones finish during the drain
         scheduler.shutdown(wait=False)
+        await listener.drain()
+        await jobs.finished(config.limits.drain_timeout)
         delivering.cancel()
-        await asyncio.gather(delivering, return_exceptions=True)
+        watchdog.cancel()
+        await asyncio.gather(delivering, watchdog, return_exceptions=True)
         await store.release_leases(owner)
         log.info("stopped")
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         await store.close()
+        notifier.close()
 
 
 async def _run_until_stopped(
@@ -219,9 +324,3 @@ async def _run_until_stopped(
     # SIGHUP, must not kill a process that is finishing sessions in DATA.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: log.info("already_stopping"))
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

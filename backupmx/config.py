@@ -170,6 +170,18 @@ class Limits:
     max_errors: int = 20
     # On SIGTERM, sessions in DATA may finish for this long before being cut.
     drain_timeout: Annotated[float, Duration] = 30.0
+    # Per client IP, over a sliding minute (Postfix's anvil: smtpd_client_message_rate_limit
+    # and smtpd_client_recipient_rate_limit, off by default there too: a big provider
+    # may send everything through one address while the primary is down).  0: off.
+    max_messages_per_minute_per_ip: int = 0  # past it MAIL gets 450 4.7.1
+    max_recipients_per_minute_per_ip: int = 0  # past it RCPT gets 450 4.7.1
+    # Wait this long before the 220 greeting (postscreen's greet_wait is 6 s); a client
+    # that talks before it is an early talker (spamware) and is dropped with 554 5.5.0.
+    # 0: greet at once.  At most MAX_BANNER_DELAY: RFC 5321 §4.5.3.2.1 clients wait 5 min.
+    banner_delay: Annotated[float, Duration] = 0.0
+    # Load balancers listed in `proxy_protocol` must send their PROXY header within this
+    # (Postfix's smtpd_upstream_proxy_timeout).
+    proxy_timeout: Annotated[float, Duration] = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +223,119 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    # Prometheus metrics and /healthz, never on the SMTP port.  Loopback by default:
+    # the figures name domains and hosts; scrape from elsewhere through a proxy or
+    # listen on a private address.  "" turns the endpoint off.  Read at start-up only.
+    listen: str = "127.0.0.1:9325"
+    # How long a scrape or /healthz waits for the queue database before reporting it
+    # unreachable: well under Prometheus' default scrape_timeout of 10 s.
+    store_timeout: Annotated[float, Duration] = 5.0
+    # STATUS= for systemd (`systemctl status`): the queue size, refreshed this often.
+    status_interval: Annotated[float, Duration] = 30.0
+
+
+SpamAction = Literal["reject", "defer", "tag", "accept"]
+
+# What each backend's own verdict means unless `spamcheck.actions` says otherwise:
+# rspamd's actions by name, spamd's and a command's "spam"/"ham".  A backup that
+# rejects less than its primary is the way around the primary's filter, and one that
+# rejects more loses mail the primary would take: by default only rspamd's own
+# "reject" is refused here, everything else is tagged and left to the primary.
+DEFAULT_SPAM_ACTIONS: dict[str, SpamAction] = {
+    "reject": "reject",
+    "soft reject": "defer",
+    "rewrite subject": "tag",
+    "add header": "tag",
+    "greylist": "accept",  # greylisting is [greylist]'s job here, by triplet
+    "no action": "accept",
+    "spam": "tag",
+    "ham": "accept",
+}
+
+
+@dataclass(frozen=True)
+class SpamCheck:
+    backend: Literal["none", "spamd", "rspamd", "command"] = "none"
+    # spamd: "host:port" (spamd's default port is 783) or a Unix socket path;
+    # rspamd: its normal worker, "host:port" (11333) or a Unix socket path.
+    address: str = ""
+    command: tuple[str, ...] = ()  # "command": argv of a program reading the message on stdin
+    # The whole check, connect to verdict.  The client waits for our reply after its
+    # final dot (RFC 5321 §4.5.3.2.6 gives it 10 min); Postfix's milter_content_timeout
+    # is 300 s.  Past it, `on_error` decides.
+    timeout: Annotated[float, Duration] = 30.0
+    # The checker is down, slow or answers nonsense: "defer" (451 4.7.1: the sender
+    # retries, nothing is lost and no spam is let through unchecked) or "accept".
+    on_error: Literal["accept", "defer"] = "defer"
+    # Larger messages are not checked (verdict "skipped"): spam is small, and spamc's
+    # own default limit is 500 KB.
+    max_size: Annotated[int, Size] = 1024 * 1024
+    # Backend verdict -> action, over DEFAULT_SPAM_ACTIONS.
+    actions: dict[str, SpamAction] = field(default_factory=dict)
+    # Action -> score at or above which it applies ({reject = 15.0, tag = 5.0}); the
+    # stricter of this and the backend's verdict wins.  Empty: the backend's verdict only.
+    thresholds: dict[SpamAction, float] = field(default_factory=dict)
+
+    def action_for(self, verdict: str) -> SpamAction:
+        return self.actions.get(verdict, DEFAULT_SPAM_ACTIONS.get(verdict, "accept"))
+
+
+@dataclass(frozen=True)
+class Recipients:
+    # Postfix's address_verify_positive_expire_time and ..._negative_expire_time.
+    verify_positive_ttl: Annotated[float, Duration] = 31 * 86400.0
+    verify_negative_ttl: Annotated[float, Duration] = 3 * 86400.0
+    # How long a session waits for a callout before answering 450 4.2.1; the callout
+    # goes on and fills the cache for the sender's retry (Postfix polls 3 x 3 s).
+    verify_wait: Annotated[float, Duration] = 6.0
+    # Bound on one whole callout: connect, EHLO, MAIL FROM:<>, RCPT, QUIT.
+    verify_timeout: Annotated[float, Duration] = 30.0
+    # Callouts in flight at once over all sessions: a flood of unknown recipients
+    # must not turn into a flood of connections to the primary.
+    max_callouts: int = 10
+    # After a primary did not answer a callout, its domain gets none for this long;
+    # uncached recipients get `verify_unknown` at once instead of waiting again.
+    verify_retry: Annotated[float, Duration] = 60.0
+    # Directory-harvest protection: after this many unknown recipients (550 5.1.1) in
+    # one session, the next RCPT is answered 421 4.7.0 after `harvest_delay`, and the
+    # session is closed.
+    max_unknown_recipients: int = 5
+    harvest_delay: Annotated[float, Duration] = 5.0
+
+
+@dataclass(frozen=True)
+class DnsblZone:
+    name: str  # "zen.example.org": the client 192.0.2.1 is looked up as 1.2.0.192.zen…
+    weight: float = 1.0  # postscreen_dnsbl_sites' "*weight"
+    answers: tuple[str, ...] = ()  # A records that count ("127.0.0.2"); empty: any in 127/8
+
+
+@dataclass(frozen=True)
+class Dnsbl:
+    zone: tuple[DnsblZone, ...] = ()  # none: no DNSBL lookups
+    # A client whose weights add up to this is refused at RCPT with 550 5.7.1
+    # (postscreen_dnsbl_threshold is 1).
+    threshold: float = 1.0
+    # Lookups start at connect, in parallel, and a zone that has not answered by the
+    # first RCPT within this long counts as not listing the client (fail open).
+    timeout: Annotated[float, Duration] = 5.0
+
+
+@dataclass(frozen=True)
+class Greylist:
+    enabled: bool = False
+    # postgrey's defaults: retry no sooner than 5 min, within 2 days; a triplet that
+    # passed stays passed for 35 days after it was last seen.
+    delay: Annotated[float, Duration] = 300.0
+    retry_window: Annotated[float, Duration] = 2 * 86400.0
+    pass_ttl: Annotated[float, Duration] = 35 * 86400.0
+    # Clients never greylisted (addresses or networks): the primary itself, relays the
+    # primary trusts.  The backup must not be the way around the primary's greylisting.
+    pass_clients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str  # exact name; a leading dot (".example.com") covers its subdomains only
     # Static route, "host[:port]" each; empty means: the domain's MX set from DNS.
@@ -220,6 +345,16 @@ class Domain:
     on_primary_5xx: Literal["bounce", "hold"] = "bounce"
     hold_window: Annotated[float, Duration] = 3600.0
     tls: Literal["", "may", "verify"] = ""  # "": as delivery.tls
+    # Which local parts exist.  "any" accepts them all: mail for unknown users then
+    # bounces later, to forged senders (backscatter), so `config check` warns.  "list":
+    # the file `recipient_list`; "verify": a callout to the primary, cached.
+    recipients: Literal["any", "list", "verify"] = "any"
+    # One address or "@domain" (catch-all) per line, "#" comments; compared without
+    # regard to case, as Postfix's lookup tables do.  Re-read on SIGHUP and on change.
+    recipient_list: str = ""
+    # "verify" while the primary cannot answer and nothing is cached: "defer" (450 4.2.1)
+    # or "accept" (and risk backscatter).
+    verify_unknown: Literal["defer", "accept"] = "defer"
 
 
 @dataclass(frozen=True)
@@ -235,6 +370,14 @@ class Config:
     delivery: Delivery = field(default_factory=Delivery)
     dns: Dns = field(default_factory=Dns)
     tls: Tls = field(default_factory=Tls)
+    spamcheck: SpamCheck = field(default_factory=SpamCheck)
+    recipients: Recipients = field(default_factory=Recipients)
+    dnsbl: Dnsbl = field(default_factory=Dnsbl)
+    greylist: Greylist = field(default_factory=Greylist)
+    # Load balancers (addresses or networks) that must open every connection with a
+    # PROXY protocol v1 or v2 header naming the real client.  Nobody else may send one.
+    proxy_protocol: tuple[str, ...] = ()
+    metrics: Metrics = field(default_factory=Metrics)
     domain: tuple[Domain, ...] = ()
 
     def listen_addresses(self) -> list[HostPort]:
@@ -316,6 +459,19 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
         if dataclasses.is_dataclass(hint):
             return _build(typing.cast(type[Any], hint), value, key)
+        if origin is dict:
+            value_type = typing.get_args(hint)[1]
+            if not isinstance(value, Mapping):
+                raise ValueError("must be a table")
+            key_type = typing.get_args(hint)[0]
+            return {
+                _convert(key_type, k, key): _convert(value_type, v, f"{key}.{k}")
+                for k, v in value.items()
+            }
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError("must be a number")
+            return float(value)
         if hint is bool:
             if not isinstance(value, bool):
                 raise ValueError("must be true or false")
@@ -361,7 +517,10 @@ def _validate(config: Config) -> None:
     for i, domain in enumerate(config.domain):
         key = f"domain[{i}]"
         try:
-            name = normalize_domain(domain.name.removeprefix("."))
+            # ".example.com" (its subdomains) and "example.com" are two entries.
+            name = "." * domain.name.startswith(".") + normalize_domain(
+                domain.name.removeprefix(".")
+            )
         except ValueError as error:
             raise ConfigError(f"{key}.name", str(error)) from error
         if name in seen:
@@ -382,6 +541,15 @@ def _validate(config: Config) -> None:
             parse_host_port(text, default_port=53)
         except ValueError as error:
             raise ConfigError(f"dns.nameservers[{i}]", str(error)) from error
+    if config.metrics.listen:
+        try:
+            metrics_address = parse_host_port(config.metrics.listen)
+        except ValueError as error:
+            raise ConfigError("metrics.listen", str(error)) from error
+        if any(a.port == metrics_address.port for a in config.listen_addresses()):
+            raise ConfigError("metrics.listen", "must not share a port with listen")
+    if config.metrics.status_interval < 1:
+        raise ConfigError("metrics.status_interval", "must be at least 1s")
     if config.delivery.retry_min > config.delivery.retry_max:
         raise ConfigError("delivery.retry_min", "is larger than delivery.retry_max")
     if config.delivery.max_connections_per_host < 1:
@@ -393,3 +561,66 @@ def _validate(config: Config) -> None:
         raise ConfigError("limits.max_message_size", "must be at least 1KiB")
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls.key" if config.tls.cert else "tls.cert", "cert and key go together")
+    _validate_protection(config)
+
+
+MAX_BANNER_DELAY = 30.0
+
+
+def _validate_protection(config: Config) -> None:
+    """Recipient validation, the spam check and the client checks."""
+    for i, domain in enumerate(config.domain):
+        if domain.recipients == "list":
+            if not domain.recipient_list:
+                raise ConfigError(
+                    f"domain[{i}].recipient_list", 'is required by recipients = "list"'
+                )
+            if not os.access(domain.recipient_list, os.R_OK):
+                raise ConfigError(
+                    f"domain[{i}].recipient_list", f"cannot read {domain.recipient_list}"
+                )
+    spam = config.spamcheck
+    if spam.backend in ("spamd", "rspamd") and not spam.address:
+        raise ConfigError("spamcheck.address", f"is required by backend = {spam.backend!r}")
+    if spam.backend == "command" and not spam.command:
+        raise ConfigError("spamcheck.command", 'is required by backend = "command"')
+    if spam.address and not spam.address.startswith("/"):
+        try:
+            parse_host_port(spam.address)
+        except ValueError as error:
+            raise ConfigError("spamcheck.address", str(error)) from error
+    if config.limits.banner_delay > MAX_BANNER_DELAY:
+        raise ConfigError("limits.banner_delay", f"must be at most {MAX_BANNER_DELAY:.0f}s")
+    networks = [("proxy_protocol", config.proxy_protocol)]
+    networks.append(("greylist.pass_clients", config.greylist.pass_clients))
+    for key, values in networks:
+        for i, text in enumerate(values):
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError as error:
+                raise ConfigError(f"{key}[{i}]", str(error)) from error
+    for i, zone in enumerate(config.dnsbl.zone):
+        try:
+            normalize_domain(zone.name)
+        except ValueError as error:
+            raise ConfigError(f"dnsbl.zone[{i}].name", str(error)) from error
+        for j, answer in enumerate(zone.answers):
+            try:
+                ipaddress.IPv4Address(answer)
+            except ValueError as error:
+                raise ConfigError(f"dnsbl.zone[{i}].answers[{j}]", str(error)) from error
+    if config.recipients.max_callouts < 1:
+        raise ConfigError("recipients.max_callouts", "must be at least 1")
+
+
+def warnings(config: Config) -> list[str]:
+    """What `config check` points out without refusing the file."""
+    found = []
+    for i, domain in enumerate(config.domain):
+        if domain.recipients == "any":
+            found.append(
+                f'domain[{i}] ({domain.name}): recipients = "any" accepts every local part;'
+                " mail for unknown users will bounce later, to forged senders (backscatter)."
+                ' Use "list" or "verify".'
+            )
+    return found

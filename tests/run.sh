@@ -17,8 +17,11 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
 as_root apt-get update -q
+# SpamAssassin's spamd/spamc and rspamd are the real spam filters of the spam-hook tests
+# (tests/spam_filters.py starts them on loopback; policy-rc.d keeps their daemons off).
 as_root apt-get install -y -q --no-install-recommends \
-  postfix swaks dnsmasq-base python3-venv postgresql postgresql-client >/dev/null
+  postfix swaks dnsmasq-base python3-venv postgresql postgresql-client \
+  spamd spamc spamassassin rspamd systemd prometheus >/dev/null
 
 # --- PostgreSQL --------------------------------------------------------------------
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then

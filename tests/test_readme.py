@@ -6,12 +6,14 @@ of the repository, with a fresh venv (pip installs from the package index).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import smtplib
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import wait_for_port
@@ -52,13 +54,21 @@ def test_readme_quick_start_installs_and_holds_mail(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        wait_for_port("127.0.0.1", 2525, timeout=300)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                wait_for_port("127.0.0.1", 2525, timeout=1)
+                break
+            except TimeoutError:
+                continue
+        assert process.poll() is None, (tmp_path / "quickstart.log").read_text()[-3000:]
         with smtplib.SMTP("127.0.0.1", 2525, timeout=30) as client:
             code, text = client.ehlo("client.test")
             assert code == 250 and b"mx2.example.test" in text
             client.sendmail("a@sender.test", ["user@example.test"], b"Subject: hi\r\n\r\nhi\r\n")
         assert (checkout / "backupmx.db").exists()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
     assert process.returncode == 0, (tmp_path / "quickstart.log").read_text()

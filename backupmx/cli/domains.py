@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupmx.cli.queue import _age, _json, open_store, table
+from backupmx.cli.status import domain_lines
 from backupmx.config import Config, normalize_domain
 
 
@@ -33,26 +34,16 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
         stats = await store.stats()
     finally:
         await store.close()
-    queued = {d.domain: d for d in stats.domains}
-    names = sorted({d.name.lstrip(".") for d in config.domain} | set(states) | set(queued))
     rows: list[dict[str, Any]] = []
-    for name in names:
-        state = states.get(name)
-        counts = queued[name].counts if name in queued else {}
-        oldest = queued[name].oldest if name in queued else None
+    for line in domain_lines(config, states, stats, datetime.now(UTC)):
+        state = states.get(line.name)
         rows.append(
             {
-                "domain": name,
-                "backed_up": any(d.name.lstrip(".") == name for d in config.domain),
-                "state": state.state if state else "unknown",
-                "since": state.to_json()["since"] if state else None,
+                **line.to_json(),
                 "route": state.route if state else None,
                 "reason": state.reason if state else None,
                 "last_probe_at": state.to_json()["last_probe_at"] if state else None,
                 "last_probe_result": state.last_probe_result if state else None,
-                "queued": counts.get("queued", 0) + counts.get("sending", 0),
-                "held": counts.get("held", 0),
-                "oldest_received_at": oldest.isoformat().replace("+00:00", "Z") if oldest else None,
             }
         )
     if args.json:

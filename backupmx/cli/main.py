@@ -18,7 +18,9 @@ from backupmx import config as configuration
 from backupmx.cli import CommandError
 from backupmx.cli import domains as domain_commands
 from backupmx.cli import queue as queue_commands
+from backupmx.cli import status as status_commands
 from backupmx.logs import configure as configure_logs
+from backupmx.queue.database import safe_url
 from backupmx.queue.store import UnknownMessage
 
 
@@ -42,16 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_commands.add_parsers(verbs.add_parser("queue", help="show and manage the held queue"))
     domain_commands.add_parsers(verbs)
+    status_commands.add_parser(verbs)
 
     db = verbs.add_parser("db", help="queue database schema").add_subparsers(
         dest="db_verb", required=True
     )
-    db.add_parser("upgrade", help="apply migrations (alembic upgrade head)")
+    db.add_parser("upgrade", help="apply migrations (alembic upgrade head)").add_argument(
+        "--json", action="store_true"
+    )
 
     config = verbs.add_parser("config", help="configuration").add_subparsers(
         dest="config_verb", required=True
     )
-    config.add_parser("check", help="validate the configuration file")
+    config.add_parser("check", help="validate the configuration file").add_argument(
+        "--json", action="store_true"
+    )
     return parser
 
 
@@ -99,11 +106,27 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
         return 0
     if args.verb == "config":
         path = configuration.default_path(args.config)
+        if args.json:
+            print(
+                queue_commands._json(
+                    {
+                        "file": str(path) if path else None,
+                        "ok": True,
+                        "domains": [d.name for d in config.domain],
+                        "database": safe_url(config.database),
+                    }
+                )
+            )
+            return 0
         where = path if path else "built-in defaults"
         print(f"{where}: ok ({len(config.domain)} domain(s), database {config.database})")
+        for warning in configuration.warnings(config):
+            print(f"warning: {warning}")
         return 0
     if args.verb == "db":
-        return asyncio.run(_db_upgrade(config.database))
+        return asyncio.run(_db_upgrade(config.database, args.json))
+    if args.verb == "status":
+        return asyncio.run(status_commands.run(args, config))
     if args.verb == "domains":
         return asyncio.run(domain_commands.run_domains(args, config))
     if args.verb == "probe":
@@ -113,13 +136,17 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
     raise CommandError(f"unknown command {args.verb}")
 
 
-async def _db_upgrade(url: str) -> int:
+async def _db_upgrade(url: str, as_json: bool) -> int:
     from backupmx.queue.database import current_revision, open_engine, upgrade
 
     engine = open_engine(url)
     try:
         await upgrade(engine)
-        print(f"database schema at revision {await current_revision(engine)}")
+        revision = await current_revision(engine)
+        if as_json:
+            print(queue_commands._json({"revision": revision}))
+        else:
+            print(f"database schema at revision {revision}")
     finally:
         await engine.dispose()
     return 0

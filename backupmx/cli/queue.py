@@ -1,33 +1,60 @@
-"""``backupmx queue …``: list, show, hold, release, delete, flush, bounce, stats.
+"""``backupmx queue …``: list, show, export, hold, release, requeue, delete, flush, bounce, stats.
 
 Human output is a table sized to its content; ``--json`` output keeps the
 field names of design.md §4, which outside scripts rely on.  The commands work
 through the queue store while ``serve`` runs (SQLite WAL with a busy timeout,
 or PostgreSQL), so an admin never has to stop the server.
+
+`list` and the actions select messages by ID or by filters (`Selection`: domain,
+state, sender, recipient, age).  An action given filters first only counts what
+it would touch; ``--yes`` carries it out, in batches, with a progress bar on a
+terminal.  Actions apply to whole messages, as ``postsuper`` does.
+
+A database that cannot be reached says "database unreachable" and exits 1; a
+schema older than this version says to run ``backupmx db upgrade``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import fnmatch
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from sqlalchemy.exc import DBAPIError
 
 from backupmx.bounce.notices import Notices
 from backupmx.cli import CommandError
-from backupmx.config import Config, normalize_domain
-from backupmx.queue.database import current_revision, head_revision
-from backupmx.queue.state import Event
-from backupmx.queue.store import MessageView, Stats, Store
+from backupmx.config import Config, normalize_domain, parse_duration
+from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
+from backupmx.queue.state import FINAL, Event, State
+from backupmx.queue.store import MessageView, RecipientView, SpamRecord, Stats, Store
+
+ACTIONS = ("hold", "release", "requeue", "delete", "bounce")
+BATCH = 500  # message IDs per store call in a bulk action: one transaction each
 
 
 async def open_store(database: str) -> Store:
-    """The store, after checking that its schema is the one this version expects."""
+    """The store, after checking that the database answers and that its schema is the
+    one this version expects."""
+    missing = missing_sqlite_file(database)
+    if missing:
+        raise CommandError(
+            f"database unreachable: {missing} does not exist "
+            "(`backupmx serve` or `backupmx db upgrade` creates it)"
+        )
     store = Store.open(database)
     try:
         revision = await current_revision(store.engine)
+    except DBAPIError as error:
+        await store.close()
+        reason = " ".join(str(error.orig or error).split())
+        raise CommandError(f"database unreachable: {safe_url(database)}: {reason}") from error
     except Exception:
         await store.close()
         raise
@@ -45,28 +72,130 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
     listing.add_argument(
         "--all", action="store_true", help="include delivered, bounced and expired"
     )
-    listing.add_argument("--domain", help="only messages with a recipient in this domain")
+    add_filters(listing)
     show = verbs.add_parser("show", help="one message: envelope, recipients, headers")
     show.add_argument("id")
     show.add_argument("--raw", action="store_true", help="print the stored message as is")
     show.add_argument("--json", action="store_true")
+    export = verbs.add_parser(
+        "export", help="the stored message, byte for byte (queue export ID > msg.eml)"
+    )
+    export.add_argument("id")
+    export.add_argument(
+        "--json", action="store_true", help="envelope and recipients, with the message in base64"
+    )
     for verb, text in (
         ("hold", "keep queued recipients from delivery"),
         ("release", "make held recipients due now"),
+        ("requeue", "held and queued recipients become queued and due now (postsuper -r)"),
         ("delete", "remove messages and all their recipients"),
+        ("bounce", "bounce pending recipients now, with a DSN"),
     ):
-        action = verbs.add_parser(verb, help=text)
-        action.add_argument("ids", nargs="+", metavar="ID")
-    bounce = verbs.add_parser("bounce", help="bounce pending recipients now, with a DSN")
-    bounce.add_argument("ids", nargs="+", metavar="ID")
+        action = verbs.add_parser(
+            verb, help=text, description=f"{text}; by ID, or every message the filters select"
+        )
+        action.add_argument("ids", nargs="*", metavar="ID")
+        add_filters(action)
+        action.add_argument(
+            "--yes", action="store_true", help="with filters: do it (without: count only)"
+        )
+        action.add_argument("--json", action="store_true")
     flush = verbs.add_parser(
         "flush", help="make queued mail due now (a running serve starts within a second)"
     )
     flush.add_argument("ids", nargs="*", metavar="ID")
     flush.add_argument("--domain", help="every queued recipient of this domain")
     flush.add_argument("--all", action="store_true", help="every queued recipient")
+    flush.add_argument("--json", action="store_true")
     stats = verbs.add_parser("stats", help="counts by state and by domain")
     stats.add_argument("--json", action="store_true")
+
+
+def add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--domain", help="a recipient in this domain")
+    parser.add_argument("--state", choices=[s.value for s in State], help="a recipient in it")
+    parser.add_argument(
+        "--sender", metavar="PATTERN", help="sender address or glob (*@example.net); <> for null"
+    )
+    parser.add_argument("--recipient", metavar="PATTERN", help="recipient address or glob")
+    parser.add_argument(
+        "--older-than", metavar="AGE", type=_duration, help="received before AGE ago (30m, 2h, 3d)"
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which messages a listing or an action covers: a message matches when every
+    message filter matches and one of its recipients matches every recipient filter.
+    By default only recipients still pending count."""
+
+    domain: str | None = None
+    state: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    older_than: float | None = None
+    include_final: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Selection:
+        try:
+            domain = normalize_domain(args.domain) if args.domain else None
+        except ValueError as error:
+            raise CommandError(f"--domain: {error}") from error
+        return cls(
+            domain=domain,
+            state=args.state,
+            sender=args.sender,
+            recipient=args.recipient,
+            older_than=args.older_than,
+            include_final=getattr(args, "all", False)
+            or (args.state is not None and State(args.state) in FINAL),
+        )
+
+    @property
+    def filtered(self) -> bool:
+        fields = (self.domain, self.state, self.sender, self.recipient, self.older_than)
+        return any(f is not None for f in fields)
+
+    def matches(self, message: MessageView, now: datetime) -> bool:
+        if self.sender is not None and not _like(message.sender, self.sender):
+            return False
+        if self.older_than is not None and (
+            message.received_at > now - timedelta(seconds=self.older_than)
+        ):
+            return False
+        return any(self._recipient_matches(r) for r in message.recipients)
+
+    def _recipient_matches(self, r: RecipientView) -> bool:
+        if self.state is not None:
+            if r.state != self.state:
+                return False
+        elif not self.include_final and State(r.state) in FINAL:
+            return False
+        if self.domain is not None and r.domain != self.domain:
+            return False
+        return self.recipient is None or _like(r.address, self.recipient)
+
+
+def _like(address: str, pattern: str) -> bool:
+    """Case-insensitive glob; "<>" (or "") is the null sender."""
+    if pattern in ("<>", ""):
+        return address == ""
+    return fnmatch.fnmatchcase(address.lower(), pattern.lower())
+
+
+async def select(store: Store, selection: Selection) -> list[MessageView]:
+    """The messages a selection covers, oldest first."""
+    found = await store.messages(include_final=selection.include_final, domain=selection.domain)
+    now = datetime.now(UTC)
+    return [m for m in found if selection.matches(m, now)]
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
@@ -74,38 +203,124 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     try:
         verb = args.queue_verb
         if verb == "list":
-            found = await store.messages(include_final=args.all, domain=args.domain)
+            found = await select(store, Selection.from_args(args))
             print(_json([m.to_json() for m in found]) if args.json else render_list(found))
+        elif verb in ACTIONS:
+            await run_action(store, args, config)
+        elif verb == "export":
+            message = await store.message(args.id)
+            body = await store.body(args.id)
+            if args.json:
+                encoded = base64.b64encode(body).decode()
+                print(_json({**message.to_json(), "message_base64": encoded}))
+            else:
+                sys.stdout.buffer.write(body)
+                sys.stdout.buffer.flush()
         elif verb == "show":
             if args.raw:
                 sys.stdout.buffer.write(await store.body(args.id))
                 sys.stdout.buffer.flush()
             else:
                 message = await store.message(args.id)
+                spam = await store.spam_record(args.id)
                 if args.json:
-                    print(_json(message.to_json()))
+                    print(_json({**message.to_json(), "spam": spam.to_json()}))
                 else:
-                    print(render_message(message, await store.body(args.id)))
-        elif verb in ("hold", "release", "delete"):
-            changed = await getattr(store, verb)(args.ids)
-            noun = "message(s)" if verb == "delete" else "recipient(s)"
-            print(f"{verb}: {changed} {noun} of {len(args.ids)} message(s)")
+                    print(render_message(message, await store.body(args.id), spam))
         elif verb == "flush":
             if bool(args.ids) + bool(args.domain) + bool(args.all) != 1:
                 raise CommandError("queue flush takes IDs, --domain D or --all (one of them)")
             domain = normalize_domain(args.domain) if args.domain else None
             due = await store.make_due(domain=domain, ids=args.ids or None, retry_down=True)
-            print(f"flush: {due} recipient(s) due now")
-        elif verb == "bounce":
-            notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
-            bounced = await store.sweep(Event.BOUNCE, notices.for_admin_bounce, ids=args.ids)
-            print(f"bounce: {bounced} recipient(s) bounced, DSNs queued")
+            if args.json:
+                print(_json({"action": "flush", "recipients": due}))
+            else:
+                print(f"flush: {due} recipient(s) due now")
         elif verb == "stats":
             stats = await store.stats()
             print(_json(stats.to_json()) if args.json else render_stats(stats))
         return 0
     finally:
         await store.close()
+
+
+async def run_action(store: Store, args: argparse.Namespace, config: Config) -> None:
+    """hold, release, requeue, delete or bounce: the IDs given, or what the filters select."""
+    verb = args.queue_verb
+    selection = Selection.from_args(args)
+    if args.ids and selection.filtered:
+        raise CommandError(f"queue {verb} takes IDs or filters, not both")
+    if not args.ids and not selection.filtered:
+        raise CommandError(f"queue {verb} needs IDs or a filter (--domain, --sender, …)")
+    ids = list(args.ids) or [m.id for m in await select(store, selection)]
+    if selection.filtered and not args.yes:
+        if args.json:
+            print(_json({"action": verb, "dry_run": True, "messages": len(ids), "ids": ids}))
+        else:
+            print(f"{verb}: would act on {len(ids)} message(s); run again with --yes to do it")
+        return
+    changed = 0
+    progress = Progress(verb, len(ids))
+    for start in range(0, len(ids), BATCH):
+        batch = ids[start : start + BATCH]
+        changed += await apply_action(store, verb, batch, config)
+        progress.advance(len(batch))
+    progress.done()
+    noun = "message(s)" if verb == "delete" else "recipient(s)"
+    if args.json:
+        print(_json({"action": verb, "dry_run": False, "messages": len(ids), "changed": changed}))
+    elif verb == "bounce":
+        print(f"bounce: {changed} recipient(s) bounced, DSNs queued")
+    else:
+        print(f"{verb}: {changed} {noun} of {len(ids)} message(s)")
+
+
+async def apply_action(store: Store, verb: str, ids: Sequence[str], config: Config) -> int:
+    """One batch; returns how many recipients changed (messages, for delete)."""
+    if verb == "delete":
+        return await store.delete(ids)
+    if verb == "hold":
+        return await store.hold(ids)
+    if verb == "release":
+        return await store.release(ids)
+    if verb == "requeue":
+        released = await store.release(ids)
+        return released + await store.make_due(ids=ids, retry_down=True)
+    notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
+    bounced = 0
+    # sweep takes a bounded number of recipients per transaction: repeat until none is left.
+    while swept := await store.sweep(Event.BOUNCE, notices.for_admin_bounce, ids=ids):
+        bounced += swept
+    return bounced
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal and for more than one batch."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.count = 0
+        self.shown = self.stream.isatty() and total > BATCH
+
+    def advance(self, count: int) -> None:
+        self.count += count
+        if self.shown:
+            self.stream.write("\r" + self.line())
+            self.stream.flush()
+
+    def line(self) -> str:
+        filled = self.WIDTH * self.count // max(self.total, 1)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        return f"{self.label} [{bar}] {self.count}/{self.total}"
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _json(value: Any) -> str:
@@ -152,7 +367,7 @@ def render_list(found: Sequence[MessageView]) -> str:
     ) + (f"\n-- {len(found)} message(s), {recipients} recipient(s)")
 
 
-def render_message(m: MessageView, body: bytes) -> str:
+def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) -> str:
     header_end = body.find(b"\r\n\r\n")
     headers = body[: header_end if header_end >= 0 else len(body)].decode("utf-8", "replace")
     facts = [
@@ -167,6 +382,7 @@ def render_message(m: MessageView, body: bytes) -> str:
         ("smtputf8", "yes" if m.smtputf8 else "no"),
         ("dsn", f"RET={m.ret or '-'} ENVID={m.envid or '-'}"),
         ("sha256", m.sha256),
+        ("spam", _spam(spam)),
     ]
     rows = [
         [
@@ -187,6 +403,14 @@ def render_message(m: MessageView, body: bytes) -> str:
             headers.replace("\r\n", "\n"),
         ]
     )
+
+
+def _spam(spam: SpamRecord | None) -> str:
+    """The spam check's verdict: "tag score=7.3 (spamd: spam BAYES_99)", or "-"."""
+    if spam is None or spam.verdict is None:
+        return "-"
+    score = f" score={spam.score:.1f}" if spam.score is not None else ""
+    return f"{spam.verdict}{score}" + (f" ({spam.detail})" if spam.detail else "")
 
 
 def render_stats(stats: Stats) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from backupmx import metrics
 from backupmx.bounce.notices import Notices
 from backupmx.deliver.client import (
     ConnectFailed,
@@ -223,7 +224,9 @@ class Deliverer:
                     failures.append(str(error))
                     continue
                 await pacer.message_token()
+                sending = metrics.clock()
                 report = await connection.send(message, claims, hold)
+                metrics.message_sent(sending)
                 self._feedback(pacer, report)
                 await self._release(connection, report)
             await self._record(message, claims, report.outcomes, where, report.dsn_supported)
@@ -311,6 +314,7 @@ class Deliverer:
             when = retry_at if event is Event.TEMPFAIL else None
             error = None if event is Event.SUCCESS else outcome.diagnostic
             results.append(Result(claim.recipient_id, event, error, when))
+            metrics.recipient_result(claim.domain, outcome.verdict.value, message.received_at)
             log.info(
                 "recipient_" + outcome.verdict.value,
                 queue_id=message.id,

@@ -18,9 +18,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import structlog
+
+log = structlog.get_logger("backupmx.deliver")
+
 
 class HostPacer:
-    def __init__(self, initial: int, maximum: int, rate: int) -> None:
+    def __init__(self, host: str, initial: int, maximum: int, rate: int) -> None:
+        self.host = host
         self.maximum = max(maximum, 1)
         self.window = float(min(max(initial, 1), self.maximum))
         self.active = 0
@@ -68,9 +73,11 @@ class HostPacer:
         self._set(max(self.window / 2, 1.0))
 
     def _set(self, window: float) -> None:
-        grew = int(window) > int(self.window)
+        before = int(self.window)
         self.window = window
-        if grew:
+        if int(window) != before:
+            log.info("pacer_window", host=self.host, connections=int(window), was=before)
+        if int(window) > before:
             asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:
@@ -88,7 +95,7 @@ class Pacers:
     def __getitem__(self, host: str) -> HostPacer:
         pacer = self._by_host.get(host)
         if pacer is None:
-            pacer = self._by_host[host] = HostPacer(*self._settings)
+            pacer = self._by_host[host] = HostPacer(host, *self._settings)
         return pacer
 
     def windows(self) -> dict[str, float]:

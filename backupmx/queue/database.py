@@ -77,6 +77,19 @@ def _sqlite_begin_immediate(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def missing_sqlite_file(database: str) -> str | None:
+    """The path of an SQLite queue whose file does not exist, else None.  Opening it would
+    create an empty file, and a typo (or a moved file) would look like an empty queue."""
+    url = make_url(database)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        return url.database
+    return None
+
+
 def storage_full(error: BaseException) -> bool:
     """True for SQLITE_FULL, PostgreSQL's disk_full (53100) and ENOSPC."""
     seen: set[int] = set()

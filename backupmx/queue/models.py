@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -69,6 +70,10 @@ messages = Table(
     Column("dsn_ret", String(8)),  # RFC 3461 RET: FULL or HDRS
     Column("dsn_envid", Text),  # RFC 3461 ENVID, as sent
     Column("session_id", String(32), nullable=False),
+    # The spam check's verdict (accept, tag, skipped, error) and score, if one ran.
+    Column("spam_verdict", String(16)),
+    Column("spam_score", Float),
+    Column("spam_detail", Text),  # "spamd: GTUBE,NO_RELAYS" — the backend and its rules
 )
 
 recipients = Table(
@@ -99,6 +104,8 @@ recipients = Table(
     Index("ix_recipients_lease", "state", "lease_until"),
     Index("ix_recipients_domain", "domain", "state"),
     Index("ix_recipients_message", "message_id"),
+    # Finished deliveries feed the recipient-verification cache (Store.learn_recipients).
+    Index("ix_recipients_finished", "state", "updated_at"),
 )
 
 # What the deliverer knows of each destination domain, for `backupmx domains` and
@@ -114,4 +121,31 @@ domains = Table(
     Column("last_probe_at", UTCDateTime),
     Column("last_probe_result", Text),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The recipient-verification cache (Postfix's verify(8) database): what the primary
+# said of an address, from a callout or from a delivery, until `expires_at`.
+recipient_verdicts = Table(
+    "recipient_verdicts",
+    metadata,
+    Column("address", String(320), primary_key=True),  # local part as sent, @, A-label domain
+    Column("valid", Boolean, nullable=False),
+    Column("reply", Text),  # the primary's answer, "550 5.1.1 <x@y>: unknown user"
+    Column("source", String(16), nullable=False),  # callout or delivery
+    Column("checked_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index("ix_recipient_verdicts_expires", "expires_at"),
+)
+
+# Greylisting triplets: client network (/24 or /64), envelope sender, recipient.
+greylist = Table(
+    "greylist",
+    metadata,
+    Column("client_net", String(64), primary_key=True),
+    Column("sender", String(320), primary_key=True),
+    Column("recipient", String(320), primary_key=True),
+    Column("first_seen", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Column("passed_at", UTCDateTime),  # NULL while the triplet waits out its delay
+    Index("ix_greylist_last_seen", "last_seen"),
 )

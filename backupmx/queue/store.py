@@ -29,11 +29,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Table, bindparam, delete, false, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import open_engine, open_writer_engine
-from backupmx.queue.models import domains, messages, recipients
+from backupmx.queue.models import domains, greylist, messages, recipient_verdicts, recipients
 from backupmx.queue.state import PENDING, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
 
@@ -92,6 +93,9 @@ class NewMessage:
     ret: str | None = None
     envid: str | None = None
     received_at: datetime = field(default_factory=utcnow)
+    spam_verdict: str | None = None  # the spam check's action, if one ran
+    spam_score: float | None = None
+    spam_detail: str | None = None
 
     @property
     def size(self) -> int:
@@ -257,6 +261,28 @@ class Stats:
         }
 
 
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """What the primary said of an address (the recipient-verification cache)."""
+
+    address: str  # local part as sent, "@", the A-label domain
+    valid: bool
+    reply: str | None
+    source: str  # "callout" or "delivery"
+    checked_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class SpamRecord:
+    verdict: str | None
+    score: float | None
+    detail: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "score": self.score, "detail": self.detail}
+
+
 class UnknownMessage(LookupError):
     def __init__(self, ids: Iterable[str]) -> None:
         self.ids = sorted(ids)
@@ -276,6 +302,8 @@ def _rows(
             "client_helo": m.client_helo, "protocol": m.protocol, "tls": m.tls,
             "body_type": m.body_type, "smtputf8": m.smtputf8, "dsn_ret": m.ret,
             "dsn_envid": m.envid, "session_id": m.session_id,
+            "spam_verdict": m.spam_verdict, "spam_score": m.spam_score,
+            "spam_detail": m.spam_detail,
         }
         for m, body in zip(batch, bodies, strict=True)
     ]  # fmt: skip
@@ -409,6 +437,9 @@ def _outbound(row: Any) -> Outbound:
 
 
 _PENDING = sorted(PENDING)
+# A passed greylist triplet's last_seen is rewritten at most this often, so that
+# mail from a known sender does not cost a write per recipient.
+GREYLIST_REFRESH = timedelta(minutes=10)
 
 
 class Store:
@@ -923,3 +954,160 @@ class Store:
         domain_stats = [DomainStats(d, c, o) for d, (c, o) in sorted(domains.items())]
         oldest_values = [d.oldest for d in domain_stats if d.oldest]
         return Stats(message_count, totals, min(oldest_values, default=None), domain_stats)
+
+    # ------------------------------------------------------------------ protection
+
+    async def recipient_verdict(
+        self, address: str, now: datetime | None = None
+    ) -> RecipientVerdict | None:
+        """The cached verdict on `address`, unless it has expired."""
+        query = select(recipient_verdicts).where(
+            recipient_verdicts.c.address == address,
+            recipient_verdicts.c.expires_at > (now or utcnow()),
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return RecipientVerdict(
+            row.address, row.valid, row.reply, row.source, row.checked_at, row.expires_at
+        )
+
+    async def remember_recipients(self, verdicts: Sequence[RecipientVerdict]) -> None:
+        """Insert or replace cached verdicts (one transaction)."""
+        if not verdicts:
+            return
+        rows = [
+            {
+                "address": v.address, "valid": v.valid, "reply": v.reply, "source": v.source,
+                "checked_at": v.checked_at, "expires_at": v.expires_at,
+            }
+            for v in verdicts
+        ]  # fmt: skip
+        async with self.engine.begin() as conn:
+            await conn.execute(self._upsert(recipient_verdicts, ["address"], rows[0]), rows)
+
+    async def learn_recipients(
+        self,
+        since: datetime,
+        positive_ttl: timedelta,
+        negative_ttl: timedelta,
+        now: datetime | None = None,
+    ) -> int:
+        """Feed the verification cache from deliveries finished in (since, now]: a
+        delivered recipient exists; one the primary bounced with 5.1.x does not.  Other
+        5xx (too big, policy) say nothing about the mailbox and are left out, and so are
+        held 5xx answers (a primary that came back misconfigured)."""
+        now = now or utcnow()
+        query = select(
+            recipients.c.address, recipients.c.domain, recipients.c.state, recipients.c.last_error
+        ).where(
+            recipients.c.updated_at > since,
+            recipients.c.updated_at <= now,
+            or_(
+                recipients.c.state == State.DELIVERED.value,
+                (recipients.c.state == State.BOUNCED.value)
+                & recipients.c.last_error.like("5__ 5.1.%"),
+            ),
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        latest: dict[str, RecipientVerdict] = {}
+        for row in rows:
+            valid = row.state == State.DELIVERED.value
+            address = f"{row.address.rpartition('@')[0]}@{row.domain}"
+            latest[address] = RecipientVerdict(
+                address,
+                valid,
+                None if valid else row.last_error,
+                "delivery",
+                now,
+                now + (positive_ttl if valid else negative_ttl),
+            )
+        await self.remember_recipients(list(latest.values()))
+        return len(latest)
+
+    async def greylist(
+        self,
+        client_net: str,
+        sender: str,
+        recipient: str,
+        *,
+        delay: timedelta,
+        retry_window: timedelta,
+        pass_ttl: timedelta,
+        now: datetime | None = None,
+    ) -> float:
+        """Seconds this triplet must still wait before it passes; 0.0 when it passes.
+
+        A new triplet (or one that came back too late, or was last seen longer than
+        `pass_ttl` ago) starts waiting now; one retried after `delay` passes and stays
+        passed while it is seen at least every `pass_ttl`."""
+        now = now or utcnow()
+        key = (
+            (greylist.c.client_net == client_net)
+            & (greylist.c.sender == sender)
+            & (greylist.c.recipient == recipient)
+        )
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(greylist).where(key))).first()
+            stale = row is not None and (
+                now - row.last_seen > pass_ttl
+                if row.passed_at is not None
+                else now - row.first_seen > delay + retry_window
+            )
+            if row is None or stale:
+                fresh = {
+                    "client_net": client_net, "sender": sender, "recipient": recipient,
+                    "first_seen": now, "last_seen": now, "passed_at": None,
+                }  # fmt: skip
+                await conn.execute(
+                    self._upsert(greylist, ["client_net", "sender", "recipient"], fresh), fresh
+                )
+                return delay.total_seconds()
+            if row.passed_at is not None:
+                if now - row.last_seen > GREYLIST_REFRESH:
+                    await conn.execute(update(greylist).where(key).values(last_seen=now))
+                return 0.0
+            waited = now - row.first_seen
+            if waited < delay:
+                return float((delay - waited).total_seconds())
+            await conn.execute(update(greylist).where(key).values(passed_at=now, last_seen=now))
+            return 0.0
+
+    async def prune_protection(self, greylist_before: datetime, now: datetime | None = None) -> int:
+        """Drop expired verification verdicts and greylist triplets last seen before
+        `greylist_before`; return how many rows went."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            verdicts = await conn.execute(
+                delete(recipient_verdicts).where(recipient_verdicts.c.expires_at <= now)
+            )
+            triplets = await conn.execute(
+                delete(greylist).where(greylist.c.last_seen < greylist_before)
+            )
+        return int(verdicts.rowcount) + int(triplets.rowcount)
+
+    async def spam_record(self, message_id: str) -> SpamRecord:
+        query = select(
+            messages.c.spam_verdict, messages.c.spam_score, messages.c.spam_detail
+        ).where(messages.c.id == message_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise UnknownMessage([message_id])
+        return SpamRecord(row.spam_verdict, row.spam_score, row.spam_detail)
+
+    def _upsert(self, table: Table, keys: list[str], row: dict[str, Any]) -> Any:
+        """INSERT … ON CONFLICT (keys) DO UPDATE, in this backend's dialect."""
+        if self.dialect == "postgresql":
+            on_postgresql = postgresql.insert(table)
+            return on_postgresql.on_conflict_do_update(
+                index_elements=keys,
+                set_={name: on_postgresql.excluded[name] for name in row if name not in keys},
+            )
+        on_sqlite = sqlite.insert(table)
+        return on_sqlite.on_conflict_do_update(
+            index_elements=keys,
+            set_={name: on_sqlite.excluded[name] for name in row if name not in keys},
+        )

@@ -97,8 +97,7 @@ class DataDecoder:
         del self._pending[:cut]
         if self.too_big:
             return
-        crs, lfs = block.count(b"\r"), block.count(b"\n")
-        if crs != lfs or block.count(b"\r\n") != crs:
+        if has_bare_newline(block):
             self.bare_newline = True
             if self._normalize:
                 block = _BARE.sub(b"\r\n", block)
@@ -113,8 +112,17 @@ class DataDecoder:
             self._sink(b"\r\n")
 
 
-def count_received_headers(head: bytes) -> int:
+def has_bare_newline(block: bytes) -> bool:
+    """A CR not followed by LF, or an LF not preceded by CR (three C-speed counts)."""
+    crlfs = block.count(b"\r\n")
+    return block.count(b"\n") != crlfs or block.count(b"\r") != crlfs
+
+
+def count_received_headers(head: bytes | bytearray) -> int:
     """Received: fields in the header section found in the first bytes of a message."""
     end = head.find(b"\r\n\r\n")
     header = head if end < 0 else head[: end + 2]
-    return len(re.findall(rb"(?im)^received[ \t]*:", header))
+    return len(_RECEIVED.findall(header))
+
+
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")

@@ -18,15 +18,18 @@ import contextlib
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import structlog
 
-from backupmx.config import Config, Limits
+from backupmx.config import Config, Dnsbl, Greylist, Limits, SpamCheck
 from backupmx.queue.store import Store
 from backupmx.receive.address import RelayDomains
+from backupmx.receive.clients import ClientChecks, Networks
+from backupmx.receive.recipients import RecipientPolicy
 from backupmx.receive.session import Session
+from backupmx.receive.spamcheck import SpamChecker
 
 log = structlog.get_logger("backupmx.receive")
 
@@ -38,6 +41,12 @@ class ReceivePolicy:
     limits: Limits
     tls_context: ssl.SSLContext | None
     etrn_clients: tuple[IPv4Network | IPv6Network, ...] = ()
+    recipients: RecipientPolicy = field(default_factory=RecipientPolicy)
+    spamcheck: SpamCheck = field(default_factory=SpamCheck)
+    dnsbl: Dnsbl = field(default_factory=Dnsbl)
+    greylist: Greylist = field(default_factory=Greylist)
+    greylist_pass: Networks = ()
+    proxy_from: Networks = ()  # load balancers that send a PROXY header
 
     def may_etrn(self, client_ip: str) -> bool:
         try:
@@ -64,6 +73,12 @@ def policy_from(config: Config) -> ReceivePolicy:
         limits=config.limits,
         tls_context=tls_context(config.tls.cert, config.tls.key),
         etrn_clients=tuple(ip_network(n, strict=False) for n in config.etrn_clients),
+        recipients=RecipientPolicy(config.domain, config.recipients),
+        spamcheck=config.spamcheck,
+        dnsbl=config.dnsbl,
+        greylist=config.greylist,
+        greylist_pass=tuple(ip_network(n, strict=False) for n in config.greylist.pass_clients),
+        proxy_from=tuple(ip_network(n, strict=False) for n in config.proxy_protocol),
     )
 
 
@@ -73,9 +88,12 @@ class Listener:
         policy: ReceivePolicy,
         store: Store,
         etrn: Callable[[str], Awaitable[int]] | None = None,
+        checks: ClientChecks | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
+        self.checks = checks or ClientChecks(store)
+        self.spam = SpamChecker()
         self.etrn = etrn  # make a domain's queued mail due now; returns how many recipients
         self.draining = False
         self.sessions: set[Session] = set()
@@ -107,6 +125,12 @@ class Listener:
         self.sessions.add(session)
         self._per_ip[session.client_ip] += 1
         return None
+
+    def readmit(self, session: Session, client_ip: str) -> str | None:
+        """Count a proxied connection under the real client's address (PROXY header)."""
+        self.forget(session)
+        session.client_ip = client_ip
+        return self.admit(session)
 
     def forget(self, session: Session) -> None:
         if session in self.sessions:

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from backupmx import metrics
 from backupmx.config import normalize_domain
 from backupmx.queue.database import storage_full
-from backupmx.queue.store import NewMessage, NewRecipient, new_queue_id, utcnow
+from backupmx.queue.store import BodySource, NewMessage, NewRecipient, new_queue_id, utcnow
 from backupmx.receive.address import Address, AddressError, parse_path
+from backupmx.receive.clients import Screen
 from backupmx.receive.data import DataDecoder, count_received_headers
 from backupmx.receive.parameters import (
     MailParameters,
@@ -44,6 +46,7 @@ from backupmx.receive.parameters import (
     parse_rcpt_parameters,
 )
 from backupmx.receive.received import TraceFacts, protocol_name, received_header
+from backupmx.receive.spamcheck import Facts, Verdict
 from backupmx.receive.spool import Spool
 
 if TYPE_CHECKING:
@@ -97,6 +100,7 @@ class Session(SMTP):
         self.envelope = None
         self.transport = None
         self.listener = listener
+        self.screen = Screen(listener.checks, lambda: listener.policy, "")
         self.session_id = secrets.token_hex(6)
         self.client_ip = ""
         self.helo = ""
@@ -132,8 +136,9 @@ class Session(SMTP):
         first = self.transport is None
         if first:
             peer = transport.get_extra_info("peername")
-            self.client_ip = str(peer[0]) if peer else "unknown"
+            self.client_ip = self.screen.client_ip = str(peer[0]) if peer else "unknown"
             self.refusal = self.listener.admit(self)
+            metrics.connection_opened(self.refusal)
         super().connection_made(transport)
 
     def eof_received(self) -> bool:
@@ -144,6 +149,7 @@ class Session(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.listener.forget(self)
+        self.screen.close()
         super().connection_lost(error)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -204,6 +210,16 @@ class Session(SMTP):
             self.close_with(self.refusal)
             return
         log.debug("connection_opened")  # the accept line carries client and session
+        refusal = await self.screen.greet(
+            self._reader,
+            lambda: len(self._reader._buffer),  # type: ignore[attr-defined]
+            lambda client_ip: self.listener.readmit(self, client_ip),
+        )
+        if refusal is not None:
+            log.info("connection_refused", reason=refusal)
+            self.close_with(refusal)
+            return
+        structlog.contextvars.bind_contextvars(client=self.client_ip)
         await self.push(f"220 {self.hostname} ESMTP backupmx")
         while self.transport is not None:
             if self.listener.draining:
@@ -316,6 +332,10 @@ class Session(SMTP):
         if params.size is not None and params.size > self.policy.limits.max_message_size:
             await self.reply("552 5.3.4 Message size exceeds fixed limit")
             return
+        refusal = self.screen.message()
+        if refusal is not None:
+            await self.reply(refusal)
+            return
         self.mail = Envelope(sender=sender, started=True, mail=params)
         await self.push("250 2.1.0 Ok")
 
@@ -338,7 +358,16 @@ class Session(SMTP):
             params = parse_rcpt_parameters(rest)
         except AddressError as error:
             log.info("recipient_rejected", recipient=arg[3:].strip(), reply=error.reply)
+            metrics.recipient_rejected(error.reply)
             await self.reply(error.reply)
+            return
+        refusal = await self.screen.recipient(address, str(self.mail.sender or ""))
+        if refusal is not None:
+            metrics.recipient_rejected(refusal)
+            if refusal.startswith("421"):
+                self.close_with(refusal)
+            else:
+                await self.reply(refusal)
             return
         # Local parts are case-sensitive (RFC 5321 §2.4); only the domain is folded.
         key = f"{address.local}@{address.routing_domain}"
@@ -484,9 +513,14 @@ class Session(SMTP):
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
                 await self._read_data(decoder)
-                reply = self._judge(decoder, spool, spool_error, len(header))
+                data_ended = metrics.clock()
+                reply = self._judge(decoder, spool, spool_error)
                 if reply is None:
-                    reply = await self._enqueue(queue_id, spool, received_at)
+                    spam, body = await self._spam_check(spool, queue_id)
+                    reply = (spam and spam.reply) or await self._enqueue(
+                        queue_id, body, received_at, spam
+                    )
+                metrics.message_answered(reply, data_ended)
             finally:
                 spool.close()
             await self.reply(reply)
@@ -551,9 +585,7 @@ class Session(SMTP):
         else:
             self._reset_timeout(min(self.policy.limits.command_timeout, remaining))
 
-    def _judge(
-        self, decoder: DataDecoder, spool: Spool, spool_error: list[OSError], ours: int
-    ) -> str | None:
+    def _judge(self, decoder: DataDecoder, spool: Spool, spool_error: list[OSError]) -> str | None:
         """The reply for a message that must not be queued, or None to queue it."""
         limits = self.policy.limits
         if decoder.too_big:
@@ -567,13 +599,31 @@ class Session(SMTP):
             if storage_full(spool_error[0]):
                 return "452 4.3.1 Error: insufficient system storage"
             return "451 4.3.0 Error: local error in processing"
-        hops = count_received_headers(bytes(spool.head[ours:]))
+        hops = count_received_headers(spool.head) - 1  # ours is the first
         if hops > limits.max_received_headers:
             log.info("message_rejected", reason="mail loop", received_headers=hops)
             return "554 5.4.6 Error: too many hops (mail loop?)"
         return None
 
-    async def _enqueue(self, queue_id: str, spool: Spool, received_at: Any) -> str:
+    async def _spam_check(self, spool: Spool, queue_id: str) -> tuple[Verdict | None, BodySource]:
+        """The spam hook on the stored form (our Received: first); the body to queue."""
+        settings = self.policy.spamcheck
+        if settings.backend == "none":
+            return None, spool
+        mail = self.mail
+        facts = Facts(
+            self.client_ip,
+            self.helo,
+            str(mail.sender) if mail.sender else "",
+            [str(a) for a, _ in mail.recipients],
+            queue_id,
+            self.hostname,
+        )
+        return await self.listener.spam.check(spool, facts, settings)
+
+    async def _enqueue(
+        self, queue_id: str, spool: BodySource, received_at: Any, spam: Verdict | None = None
+    ) -> str:
         mail = self.mail
         message = NewMessage(
             id=queue_id,
@@ -593,6 +643,9 @@ class Session(SMTP):
             ret=mail.mail.ret,
             envid=mail.mail.envid,
             received_at=received_at,
+            spam_verdict=spam.label if spam else None,
+            spam_score=spam.score if spam else None,
+            spam_detail=spam.detail if spam else None,
         )
         try:
             await self.listener.store.enqueue(message)

@@ -5,7 +5,7 @@ temporary file, so fifty sessions each sending 10 MiB cost disk pages, not
 resident memory (Postfix's cleanup streams to its queue file the same way).
 The group-commit writer reads each body back only while writing its batch.
 
-Keeps the first `HEAD_SIZE` bytes (for the Received: loop count).  The SHA-256
+Keeps the header section, up to `HEAD_SIZE` bytes (for the Received: loop count).  The SHA-256
 is computed by the store in its writer thread, off the event loop (100 KiB
 costs 0.3 ms).  Disk errors surface as OSError from `write`.
 """
@@ -25,14 +25,15 @@ class Spool:
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self.size = 0
-        self.head = bytearray()
+        self.head = bytearray()  # the header section, up to HEAD_SIZE
+        self._head_done = False
 
     def write(self, data: bytes) -> None:
         if not data:
             return
         self.size += len(data)
-        if len(self.head) < HEAD_SIZE:
-            self.head += data[: HEAD_SIZE - len(self.head)]
+        if not self._head_done:
+            self._add_to_head(data)
         if self._file is None and self.size > self._memory_limit:
             # Lives as long as the spool; closed by close().
             self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
@@ -43,6 +44,15 @@ class Spool:
             self._file.write(data)
         else:
             self._chunks.append(data)
+
+    def _add_to_head(self, data: bytes) -> None:
+        start = max(len(self.head) - 3, 0)
+        self.head += data[: HEAD_SIZE - len(self.head)]
+        end = self.head.find(b"\r\n\r\n", start)
+        if end >= 0:
+            del self.head[end + 2 :]
+        if end >= 0 or len(self.head) >= HEAD_SIZE:
+            self._head_done = True
 
     def read(self) -> bytes:
         if self._file is None:

@@ -1,0 +1,259 @@
+"""``backupmx status``: one screen for the person on call.
+
+Whether the server answers (its ``/healthz`` on ``[metrics] listen``), where it
+listens, which database it uses, the queue's totals by state, each domain's
+primary (up or down, since when), its oldest message and its next probe, and a
+bar chart of how long the pending messages have waited (qshape's question:
+"is this a burst, or has it been piling up for days?").
+
+Everything comes from the configuration and the queue database, so the command
+works on any node sharing the queue and while the server is stopped; ``--json``
+gives the same facts to scripts.  Exit status 1 only when the database cannot be
+read (a server that does not answer is a fact to show, not a failure of the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from backupmx.cli.queue import _age, _json, open_store, table
+from backupmx.config import Config, parse_host_port
+from backupmx.queue.database import current_revision, safe_url
+from backupmx.queue.store import DomainState, Stats
+
+HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
+BAR_WIDTH = 40
+# Queue age buckets: upper bounds in seconds (the last one is open-ended).  The
+# steps follow what an operator acts on: a burst (minutes), an outage (hours), the
+# delay warning (a day) and expiry (Postfix's 5 days).
+AGE_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("< 5m", 300),
+    ("5m-1h", 3600),
+    ("1h-4h", 4 * 3600),
+    ("4h-1d", 86400),
+    ("1d-5d", 5 * 86400),
+    ("> 5d", float("inf")),
+)
+
+
+def add_parser(verbs: Any) -> None:
+    status = verbs.add_parser("status", help="one screen: server, queue, primaries, queue age")
+    status.add_argument("--json", action="store_true")
+
+
+@dataclass(frozen=True)
+class DomainLine:
+    name: str
+    backed_up: bool
+    state: str  # up, down, unknown
+    since: datetime | None
+    queued: int  # queued or being sent
+    held: int
+    oldest: datetime | None
+    next_probe: datetime | None  # probes run only for domains with mail waiting
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.name,
+            "backed_up": self.backed_up,
+            "state": self.state,
+            "since": _iso(self.since),
+            "queued": self.queued,
+            "held": self.held,
+            "oldest_received_at": _iso(self.oldest),
+            "next_probe_at": _iso(self.next_probe),
+        }
+
+
+def domain_lines(
+    config: Config, states: dict[str, DomainState], stats: Stats, now: datetime
+) -> list[DomainLine]:
+    """Every backed-up domain, and every other domain with mail in the queue."""
+    backed_up = {d.name.lstrip(".") for d in config.domain}
+    queued = {d.domain: d for d in stats.domains}
+    lines = []
+    for name in sorted(backed_up | set(queued)):
+        state = states.get(name)
+        counts = queued[name].counts if name in queued else {}
+        waiting = counts.get("queued", 0) + counts.get("sending", 0)
+        next_probe = None
+        if waiting:
+            last = state.last_probe_at if state else None
+            interval = timedelta(seconds=config.delivery.probe_interval)
+            next_probe = max(last + interval, now) if last else now
+        lines.append(
+            DomainLine(
+                name=name,
+                backed_up=name in backed_up,
+                state=state.state if state else "unknown",
+                since=state.since if state else None,
+                queued=waiting,
+                held=counts.get("held", 0),
+                oldest=queued[name].oldest if name in queued else None,
+                next_probe=next_probe,
+            )
+        )
+    return lines
+
+
+def age_histogram(received: Sequence[datetime], now: datetime) -> list[tuple[str, int]]:
+    counts = [0] * len(AGE_BUCKETS)
+    for when in received:
+        age = (now - when).total_seconds()
+        counts[next(i for i, (_, upper) in enumerate(AGE_BUCKETS) if age < upper)] += 1
+    return [(label, count) for (label, _), count in zip(AGE_BUCKETS, counts, strict=True)]
+
+
+def bar_chart(rows: Sequence[tuple[str, int]], mark: str = "#") -> str:
+    """A horizontal bar per row, scaled to the largest; a non-zero count shows at least one mark."""
+    largest = max((count for _, count in rows), default=0)
+    label_width = max((len(label) for label, _ in rows), default=0)
+    lines = []
+    for label, count in rows:
+        length = 0 if not largest else max(round(BAR_WIDTH * count / largest), 1 if count else 0)
+        lines.append(f"  {label.ljust(label_width)}  {(mark * length).ljust(BAR_WIDTH)}  {count}")
+    return "\n".join(lines)
+
+
+def server_health(listen: str) -> dict[str, Any] | None:
+    """The running server's /healthz body (200 or 503), or None if nothing answers."""
+    if not listen:
+        return None
+    address = parse_host_port(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:  # 503: it answers, and says what is wrong
+        body = error.read()
+    except (OSError, ValueError):
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+async def run(args: argparse.Namespace, config: Config) -> int:
+    store = await open_store(config.database)
+    try:
+        revision = await current_revision(store.engine)
+        stats = await store.stats()
+        states = await store.domain_states()
+        pending = await store.messages()
+    finally:
+        await store.close()
+    now = datetime.now(UTC)
+    facts = {
+        "hostname": config.hostname,
+        "server": server_health(config.metrics.listen),
+        "listen": list(config.listen),
+        "metrics": config.metrics.listen or None,
+        "database": safe_url(config.database),
+        "schema_revision": revision,
+        "queue": stats.to_json(),
+        "domains": [line.to_json() for line in domain_lines(config, states, stats, now)],
+        "age_histogram": [
+            {"age": label, "messages": count}
+            for label, count in age_histogram([m.received_at for m in pending], now)
+        ],
+    }
+    print(_json(facts) if args.json else render(facts, now))
+    return 0
+
+
+def render(facts: dict[str, Any], now: datetime) -> str:
+    queue = facts["queue"]
+    totals = queue["recipients"]
+    oldest = _parse(queue["oldest_received_at"])
+    lines = [
+        f"backupmx on {facts['hostname']}, {_stamp(now)}",
+        f"server     {_describe_server(facts['server'], facts['metrics'])}",
+        f"listen     {', '.join(facts['listen'])}",
+        f"database   {facts['database']} (schema {facts['schema_revision'] or 'none'})",
+        f"queue      {queue['messages']} message(s); recipients: "
+        + ", ".join(f"{state} {count}" for state, count in totals.items()),
+        "oldest     " + (f"{_stamp(oldest)} ({_age(oldest, now)} ago)" if oldest else "-"),
+        "",
+    ]
+    rows = [
+        [
+            d["domain"] + ("" if d["backed_up"] else " *"),
+            d["state"],
+            _ago(d["since"], now),
+            str(d["queued"]),
+            str(d["held"]),
+            _ago(d["oldest_received_at"], now),
+            _until(d["next_probe_at"], now),
+        ]
+        for d in facts["domains"]
+    ]
+    if rows:
+        lines.append(
+            table(["DOMAIN", "PRIMARY", "SINCE", "QUEUED", "HELD", "OLDEST", "NEXT PROBE"], rows)
+        )
+        if any(not d["backed_up"] for d in facts["domains"]):
+            lines.append("  * not backed up here: bounces (DSNs) on their way to senders")
+    else:
+        lines.append("no domains configured and nothing queued")
+    histogram = [(h["age"], h["messages"]) for h in facts["age_histogram"]]
+    lines += ["", "QUEUE AGE (messages with a recipient pending)", bar_chart(histogram, _mark())]
+    return "\n".join(lines)
+
+
+def _describe_server(health: dict[str, Any] | None, metrics: str | None) -> str:
+    if metrics is None:
+        return "unknown ([metrics] listen is off)"
+    if health is None:
+        return f"not answering on {metrics} (stopped?)"
+    uptime = timedelta(seconds=health.get("process", {}).get("uptime_seconds", 0))
+    pid = health.get("process", {}).get("pid", "?")
+    if health.get("status") == "ok":
+        return f"running, healthy (pid {pid}, up {_age(datetime.now(UTC) - uptime)})"
+    problems = []
+    store = health.get("store", {})
+    if not store.get("reachable", True):
+        problems.append(f"database unreachable: {store.get('error')}")
+    if not health.get("listener", {}).get("bound", True):
+        problems.append("listener not accepting (draining?)")
+    return f"running, UNHEALTHY (pid {pid}): " + "; ".join(problems or ["see /healthz"])
+
+
+def _mark() -> str:
+    encoding = (sys.stdout.encoding or "").lower().replace("-", "")
+    return "█" if encoding == "utf8" else "#"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _stamp(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def _ago(text: str | None, now: datetime) -> str:
+    when = _parse(text)
+    return _age(when, now) if when else "-"
+
+
+def _until(text: str | None, now: datetime) -> str:
+    when = _parse(text)
+    if when is None:
+        return "-"
+    seconds = int((when - now).total_seconds())
+    return "due" if seconds <= 0 else f"in {_age(now - timedelta(seconds=seconds), now)}"

@@ -1,0 +1,365 @@
+"""Which recipients exist: per domain "any", a "list" file, or "verify" by callout.
+
+A backup that accepts mail for users the primary does not have must later bounce
+it to senders that are usually forged (backscatter, anchors.md).  So RCPT is
+checked here, per domain (``recipients = …``):
+
+* ``"any"`` — every local part is accepted (``config check`` warns).
+* ``"list"`` — `RecipientList`: a file of addresses and ``@domain`` catch-alls,
+  re-read when its mtime changes and on SIGHUP (a new policy loads it anew).
+* ``"verify"`` — `Verifier`: the primary is asked (`PrimaryCallout`: ``MAIL
+  FROM:<>``, ``RCPT TO:<address>``, ``QUIT``; never DATA) and its answer cached in
+  the queue database, positive for ``verify_positive_ttl``, negative for
+  ``verify_negative_ttl``.  Deliveries feed the same cache (`Store.learn_recipients`).
+
+Promises:
+
+* An unknown recipient is answered ``550 5.1.1``; one that cannot be verified now
+  (primary unreachable, nothing cached) ``450 4.2.1``, or is accepted with
+  ``verify_unknown = "accept"``.
+* A callout never delays other sessions: at most ``max_callouts`` run at once,
+  one per address however many sessions ask, each bounded by ``verify_timeout``;
+  a session waits for its answer at most ``verify_wait`` and then answers 450
+  while the callout goes on to fill the cache.  A domain whose primary did not
+  answer gets no callout for ``verify_retry``.
+* Cache or callout failures never answer 5xx: they are "unverified".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+
+import aiosmtplib
+import structlog
+
+from backupmx.config import Config, Domain, Recipients, normalize_domain
+from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
+from backupmx.deliver.route import Route, RoutePlan
+from backupmx.queue.store import RecipientVerdict, Store, utcnow
+from backupmx.receive.address import Address
+
+log = structlog.get_logger("backupmx.receive")
+
+LIST_STAT_INTERVAL = 1.0  # a list file's mtime is looked at no more than once a second
+
+
+class Status(StrEnum):
+    VALID = "valid"
+    UNKNOWN = "unknown"  # 550 5.1.1
+    UNVERIFIED = "unverified"  # 450 4.2.1
+
+
+def reply_for(status: Status, address: Address) -> str | None:
+    """The RCPT refusal for `status`, or None to accept."""
+    if status is Status.UNKNOWN:
+        return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+    if status is Status.UNVERIFIED:
+        return (
+            f"450 4.2.1 <{address}>: Recipient address rejected:"
+            " unverified address, try again later"
+        )
+    return None
+
+
+def cache_key(address: Address) -> str:
+    """Local part as sent (RFC 5321 §2.4: it is the primary's to interpret), A-label domain."""
+    return f"{address.local}@{address.routing_domain}"
+
+
+# --------------------------------------------------------------------------- list
+
+
+class RecipientList:
+    """A file of valid addresses: ``user@domain`` and ``@domain`` lines, ``#`` comments."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._addresses: frozenset[str] = frozenset()
+        self._domains: frozenset[str] = frozenset()
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._load()
+
+    def knows(self, address: Address) -> bool:
+        self._refresh()
+        domain = address.routing_domain
+        if domain in self._domains:
+            return True
+        return f"{address.unquoted_local.lower()}@{domain}" in self._addresses
+
+    def __len__(self) -> int:
+        return len(self._addresses) + len(self._domains)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < LIST_STAT_INTERVAL:
+            return
+        self._checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError as error:
+            log.error("recipient_list_unreadable", path=str(self.path), error=str(error))
+            return
+        if mtime != self._mtime:
+            self._load()
+
+    def _load(self) -> None:
+        """Read the file; on failure keep what was loaded before (an empty list at first)."""
+        try:
+            mtime = os.stat(self.path).st_mtime
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            log.error("recipient_list_unreadable", path=str(self.path), error=str(error))
+            return
+        self._addresses, self._domains = parse_list(text.splitlines())
+        self._mtime = mtime
+        log.info("recipient_list_loaded", path=str(self.path), entries=len(self))
+
+
+def parse_list(lines: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """Addresses (lower-case local part, A-label domain) and catch-all domains."""
+    addresses: set[str] = set()
+    domains: set[str] = set()
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        local, at, domain = line.rpartition("@")
+        try:
+            name = normalize_domain(domain)
+        except ValueError:
+            log.warning("recipient_list_bad_line", line=line)
+            continue
+        if not at:
+            log.warning("recipient_list_bad_line", line=line)
+        elif local:
+            addresses.add(local.strip('"').lower() + "@" + name)
+        else:
+            domains.add(name)
+    return frozenset(addresses), frozenset(domains)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class DomainRecipients:
+    mode: str = "any"  # "any" | "list" | "verify"
+    listed: RecipientList | None = None
+    verify_unknown: str = "defer"
+
+
+class RecipientPolicy:
+    """Each backed-up domain's recipient rule (exact names, and ``.parent`` entries)."""
+
+    def __init__(self, domains: Iterable[Domain] = (), settings: Recipients | None = None) -> None:
+        self.settings = settings or Recipients()
+        self._exact: dict[str, DomainRecipients] = {}
+        self._parents: list[tuple[str, DomainRecipients]] = []
+        for domain in domains:
+            rule = DomainRecipients(
+                domain.recipients,
+                RecipientList(domain.recipient_list) if domain.recipients == "list" else None,
+                domain.verify_unknown,
+            )
+            if domain.name.startswith("."):
+                self._parents.append(("." + normalize_domain(domain.name[1:]), rule))
+            else:
+                self._exact[normalize_domain(domain.name)] = rule
+
+    def rule(self, domain: str) -> DomainRecipients:
+        found = self._exact.get(domain)
+        if found is not None:
+            return found
+        for parent, rule in self._parents:
+            if domain.endswith(parent):
+                return rule
+        return DomainRecipients()
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class CalloutAnswer:
+    code: int  # the primary's reply to RCPT; 0 when no primary answered
+    text: str
+
+
+Callout = Callable[[str, str], Awaitable[CalloutAnswer]]  # (domain, address) -> answer
+
+
+class PrimaryCallout:
+    """Ask the domain's primary about an address with the delivery client.
+
+    Tries the route's hops in order until one answers; no STARTTLS (only the
+    address travels, and a callout must be quick).
+    """
+
+    def __init__(
+        self,
+        route: Callable[[str], Awaitable[Route]],
+        helo: str,
+        timeouts: Timeouts,
+    ) -> None:
+        self.route = route
+        self.helo = helo
+        self.timeouts = timeouts
+
+    async def __call__(self, domain: str, address: str) -> CalloutAnswer:
+        route = await self.route(domain)
+        if not isinstance(route, RoutePlan):
+            return CalloutAnswer(0, route.reason)
+        failures = []
+        for hop in route.hops:
+            where = Target(hop.host, hop.address, hop.port)
+            try:
+                connection = await connect(where, self.helo, "may", "", self.timeouts, False)
+            except ConnectFailed as error:
+                failures.append(str(error))
+                continue
+            try:
+                smtp = connection.smtp
+                mail = await smtp.execute_command(b"MAIL", b"FROM:<>")
+                if mail.code != 250:
+                    # A primary refusing the null sender cannot verify anything.
+                    return CalloutAnswer(0, f"{where} refused MAIL FROM:<>: {mail.code}")
+                rcpt = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
+                return CalloutAnswer(rcpt.code, " ".join(f"{rcpt.code} {rcpt.message}".split()))
+            except (aiosmtplib.SMTPException, OSError) as error:
+                failures.append(f"{where}: {error}")
+            finally:
+                await connection.close()
+        return CalloutAnswer(0, "; ".join(failures) or "no primary")
+
+
+class Verifier:
+    """The "verify" mode: cache first, then one bounded callout per address."""
+
+    def __init__(self, store: Store, callout: Callout) -> None:
+        self.store = store
+        self.callout = callout
+        self._inflight: dict[str, asyncio.Task[Status]] = {}
+        self._quiet_until: dict[str, float] = {}  # domain -> monotonic time
+        self._slots: asyncio.Semaphore | None = None
+        self._slot_count = 0
+
+    async def check(self, address: Address, settings: Recipients) -> Status:
+        key = cache_key(address)
+        try:
+            cached = await self.store.recipient_verdict(key)
+        except Exception as error:
+            log.error("verify_cache_failed", error=str(error))
+            return Status.UNVERIFIED
+        if cached is not None:
+            return Status.VALID if cached.valid else Status.UNKNOWN
+        domain = address.routing_domain
+        if time.monotonic() < self._quiet_until.get(domain, 0.0):
+            return Status.UNVERIFIED
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._verify(domain, key, settings), name=f"callout {key}"
+            )
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        try:
+            # shield: a session that stops waiting leaves the callout to fill the cache.
+            return await asyncio.wait_for(asyncio.shield(task), settings.verify_wait)
+        except TimeoutError:
+            log.info("callout_slow", recipient=key)
+            return Status.UNVERIFIED
+
+    async def _verify(self, domain: str, key: str, settings: Recipients) -> Status:
+        slots = self._semaphore(settings.max_callouts)
+        async with slots:
+            started = time.monotonic()
+            try:
+                answer = await asyncio.wait_for(self.callout(domain, key), settings.verify_timeout)
+            except TimeoutError:
+                answer = CalloutAnswer(0, f"callout timed out after {settings.verify_timeout}s")
+            except Exception as error:
+                log.exception("callout_failed", recipient=key)
+                answer = CalloutAnswer(0, f"callout failed: {error}")
+        log.info(
+            "callout",
+            recipient=key,
+            code=answer.code,
+            reply=answer.text,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if answer.code // 100 not in (2, 5):
+            if answer.code == 0:
+                self._quiet_until[domain] = time.monotonic() + settings.verify_retry
+            return Status.UNVERIFIED
+        self._quiet_until.pop(domain, None)
+        valid = answer.code // 100 == 2
+        now = utcnow()
+        ttl = settings.verify_positive_ttl if valid else settings.verify_negative_ttl
+        verdict = RecipientVerdict(
+            key, valid, answer.text, "callout", now, now + timedelta(seconds=ttl)
+        )
+        try:
+            await self.store.remember_recipients([verdict])
+        except Exception as error:  # the answer stands; only the cache missed it
+            log.error("verify_cache_write_failed", recipient=key, error=str(error))
+        return Status.VALID if valid else Status.UNKNOWN
+
+    def _semaphore(self, count: int) -> asyncio.Semaphore:
+        """One semaphore, re-made when a reload changes max_callouts."""
+        if self._slots is None or count != self._slot_count:
+            self._slots, self._slot_count = asyncio.Semaphore(count), count
+        return self._slots
+
+
+async def check_recipient(
+    address: Address, policy: RecipientPolicy, verifier: Verifier | None
+) -> Status:
+    """The status of a recipient of a backed-up domain under its domain's rule."""
+    rule = policy.rule(address.routing_domain)
+    if rule.mode == "list":
+        assert rule.listed is not None
+        return Status.VALID if rule.listed.knows(address) else Status.UNKNOWN
+    if rule.mode == "verify":
+        status = (
+            await verifier.check(address, policy.settings)
+            if verifier is not None
+            else Status.UNVERIFIED
+        )
+        if status is Status.UNVERIFIED and rule.verify_unknown == "accept":
+            return Status.VALID
+        return status
+    return Status.VALID
+
+
+class CacheKeeper:
+    """The scheduled job: deliveries feed the verification cache; expired verdicts and
+    greylist triplets nobody has used for longer than they could matter are dropped."""
+
+    def __init__(self, store: Store, config: Callable[[], Config]) -> None:
+        self.store = store
+        self.config = config
+        self.since = utcnow() - timedelta(hours=1)  # deliveries just before a restart
+
+    async def run(self) -> None:
+        config = self.config()
+        settings, greylist = config.recipients, config.greylist
+        now = utcnow()
+        learned = await self.store.learn_recipients(
+            self.since,
+            timedelta(seconds=settings.verify_positive_ttl),
+            timedelta(seconds=settings.verify_negative_ttl),
+            now,
+        )
+        self.since = now
+        keep = max(greylist.pass_ttl, greylist.delay + greylist.retry_window)
+        pruned = await self.store.prune_protection(now - timedelta(seconds=keep), now)
+        if learned or pruned:
+            log.info("recipient_cache_kept", learned=learned, pruned=pruned)
