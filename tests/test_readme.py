@@ -13,6 +13,7 @@ import shutil
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,3 +73,17 @@ def test_readme_quick_start_installs_and_holds_mail(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
     assert process.returncode == 0, (tmp_path / "quickstart.log").read_text()
+
+
+def test_readme_configuration_example_passes_config_check(tmp_path: Path) -> None:
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1]
+    (example,) = re.findall(r"```toml\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    path = tmp_path / "backupmx.toml"
+    path.write_text(example)
+    result = subprocess.run(
+        [sys.executable, "-m", "backupmx", "--config", str(path), "config", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
