@@ -59,8 +59,6 @@ class Action(StrEnum):
     EXPANDED = "expanded"
 
 
-SUCCESS_ACTIONS = frozenset({Action.DELIVERED, Action.RELAYED, Action.EXPANDED})
-
 _SUBJECTS = {
     Action.FAILED: "Undelivered Mail Returned to Sender",
     Action.DELAYED: "Delayed Mail (still being retried)",
