@@ -31,6 +31,7 @@ import dns.exception
 import dns.message
 import dns.query
 
+from backupmx.config import HostPort
 from conftest import free_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -50,6 +51,10 @@ class Dnsmasq:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+
+    @property
+    def address(self) -> HostPort:
+        return HostPort("127.0.0.1", self.port)
 
     @property
     def nameserver(self) -> str:

@@ -18,15 +18,9 @@ answers nothing for a dead upstream, hence the second process for SERVFAIL.
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.query
 import pytest
 
 from backupmx.config import HostPort
@@ -42,10 +36,7 @@ from backupmx.deliver.resolver import (
 )
 from backupmx.deliver.route import Bounce, Defer, Hop, Identity, RoutePlan, plan
 from conftest import free_port
-
-DNSMASQ = "/usr/sbin/dnsmasq"
-# The root zone's KSK-2017 (as in /usr/share/dnsmasq-base/trust-anchors.conf).
-ROOT_ANCHOR = ".,20326,8,2,E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D"
+from dns_server import Dnsmasq, dns_zone
 
 FRONT_ZONE = """\
 local=/test/
@@ -66,94 +57,13 @@ mx-host=alias-mx.test,alias.example.test,10
 mx-host=dangling.test,gone.example.test,10
 """
 
-UPSTREAM_ZONE = """\
-local=/servfail.invalid/
-mx-host=servfail.invalid,mx.servfail.invalid,10
-host-record=mx.servfail.invalid,127.0.0.8
-"""
-
 BACKUP = Identity.of("mx2.backup.test", [], [HostPort("127.0.0.1", 25)], ["127.0.0.1"])
-
-
-@dataclass
-class Dnsmasq:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def address(self) -> HostPort:
-        return HostPort("127.0.0.1", self.port)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def start_dnsmasq(directory: Path, name: str, config: str) -> Dnsmasq:
-    port = free_port()
-    conf = directory / f"{name}.conf"
-    conf.write_text(config)
-    log = directory / f"{name}.log"
-    process = subprocess.Popen(
-        [
-            DNSMASQ,
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            f"--port={port}",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            f"--conf-file={conf}",
-            f"--pid-file={directory / name}.pid",
-            "--log-queries",
-            f"--log-facility={log}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = Dnsmasq(process, port, log)
-    probe = dns.message.make_query("probe.invalid", "A")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            error = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"dnsmasq ({name}) exited: {error}")
-        try:
-            dns.query.udp(probe, "127.0.0.1", port=port, timeout=0.2)
-            return server
-        except (dns.exception.Timeout, OSError):
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"dnsmasq ({name}) did not answer on 127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
-    directory = tmp_path_factory.mktemp("dnsmasq")
-    upstream = start_dnsmasq(directory, "upstream", UPSTREAM_ZONE)
-    closed = free_port()  # nothing listens here: queries forwarded to it are never answered
-    front_config = FRONT_ZONE + "\n".join(
-        [
-            f"server=/timeout.test/127.0.0.1#{closed}",
-            f"server=127.0.0.1#{upstream.port}",
-            "dnssec",
-            f"trust-anchor={ROOT_ANCHOR}",
-            "",
-        ]
-    )
-    try:
-        front = start_dnsmasq(directory, "front", front_config)
-    except BaseException:
-        upstream.stop()
-        raise
-    yield front
-    front.stop()
-    upstream.stop()
+    with dns_zone(tmp_path_factory.mktemp("dnsmasq"), FRONT_ZONE) as front:
+        yield front
 
 
 @pytest.fixture
