@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ from smtp_client import queue_id, split_received
 SENDER = "someone@sender.test"
 HAM = (
     b"From: Someone <someone@sender.test>\r\nTo: <bob@example.test>\r\n"
-    b"Subject: lunch on friday\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n"
+    b"Subject: lunch on friday\r\nDate: " + formatdate().encode() + b"\r\n"
+    # A current Date: a fixed one scores DATE_IN_PAST_* rules as the days go by.
     b"Message-ID: <lunch.1@sender.test>\r\n\r\nShall we meet at noon?\r\n"
 )
 SPAM = HAM.replace(b"Shall we meet at noon?", GTUBE)
@@ -242,12 +244,17 @@ def test_spamd_tag_mode_adds_x_spam_headers_after_our_received(
     qid = queue_id(reply)
     ours, rest = split_received(server.raw(qid))
     assert ours.startswith(b"Received: from client.sender.test")
-    # GTUBE scores 1000 minus ALL_TRUSTED (-1): loopback is a trusted network to spamd.
-    assert rest.startswith(b"X-Spam-Flag: YES\r\nX-Spam-Score: 999.0\r\nX-Spam-Level: ***")
-    assert re.search(rb"X-Spam-Status: Yes, score=999\.0 required=5\.0 tests=.*GTUBE", rest)
+    # GTUBE scores 1000; the other rules that fire depend on spamd's rule set.
+    tags = re.match(
+        rb"X-Spam-Flag: YES\r\nX-Spam-Score: (\d+\.\d)\r\nX-Spam-Level: \*{50}\r\n"
+        rb"X-Spam-Status: Yes, score=(\d+\.\d) required=5\.0 tests=[^\r]*GTUBE",
+        rest,
+    )
+    assert tags, rest[:300]
+    assert tags[1] == tags[2] and float(tags[1]) > 990
     assert rest.endswith(SPAM)
     record = show(server, qid)["spam"]
-    assert record["verdict"] == "tag" and record["score"] == 999.0
+    assert record["verdict"] == "tag" and record["score"] == float(tags[1])
     # Ham is not tagged.
     code, reply = send(server, HAM, "-ham")
     _, rest = split_received(server.raw(queue_id(reply)))
