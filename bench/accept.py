@@ -24,10 +24,10 @@ How
 
 Run (as root, Postfix needs it) from the repository root::
 
-    /work/venv/bin/python bench/accept.py                  # full matrix + memory test
-    /work/venv/bin/python bench/accept.py --quick          # ~300 messages per cell
-    /work/venv/bin/python bench/accept.py --only postfix   # reference figures only
-    /work/venv/bin/python bench/accept.py --only backupmx --sizes 10 --sessions 50
+    .venv/bin/python bench/accept.py                  # full matrix + memory test
+    .venv/bin/python bench/accept.py --quick          # ~300 messages per cell
+    .venv/bin/python bench/accept.py --only postfix   # reference figures only
+    .venv/bin/python bench/accept.py --only backupmx --sizes 10 --sessions 50
 
 Progress goes to stderr, the result table to stdout (``--json FILE`` also
 saves the raw figures).  Only loopback addresses are used; every server and

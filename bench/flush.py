@@ -32,9 +32,9 @@ How the queues are watched
 
 Run (as root, Postfix needs it) from the repository root::
 
-    /work/venv/bin/python bench/flush.py            # 10,000 messages, 1M-recipient claims
-    /work/venv/bin/python bench/flush.py --quick    # 1,000 messages, 100k-recipient claims
-    /work/venv/bin/python bench/flush.py --only backupmx --messages 5000
+    .venv/bin/python bench/flush.py            # 10,000 messages, 1M-recipient claims
+    .venv/bin/python bench/flush.py --quick    # 1,000 messages, 100k-recipient claims
+    .venv/bin/python bench/flush.py --only backupmx --messages 5000
 
 Every phase is bounded by ``--timeout`` seconds; servers, sinks and temporary
 directories are removed on exit, also on error or Ctrl-C.  Only loopback
