@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from backupmx.cli.queue import Progress
-from backupmx.cli.status import age_histogram, bar_chart
+from backupmx.cli.status import bar_chart
 from backupmx.queue.database import upgrade
 from backupmx.queue.store import BytesBody, NewMessage, NewRecipient, Store, new_queue_id, utcnow
 from conftest import free_port, write_config
@@ -175,20 +175,11 @@ def test_status_of_a_running_server_says_healthy(server_factory: Any) -> None:
     assert server.stop() == 0
 
 
-def test_age_histogram_buckets_and_bars() -> None:
-    now = utcnow()
-    ages = [timedelta(seconds=1), timedelta(minutes=4), timedelta(hours=2), timedelta(days=9)]
-    histogram = age_histogram([now - a for a in ages], now)
-    assert histogram == [
-        ("< 5m", 2),
-        ("5m-1h", 0),
-        ("1h-4h", 1),
-        ("4h-1d", 0),
-        ("1d-5d", 0),
-        ("> 5d", 1),
-    ]
+def test_bar_chart_scales_to_the_largest_bucket() -> None:
+    histogram = [("< 5m", 2), ("5m-1h", 0), ("1h-4h", 1), ("> 5d", 1)]
     lines = bar_chart(histogram).splitlines()
-    assert lines[0].count("#") == 40 and lines[2].count("#") == 20 and lines[1].count("#") == 0
+    assert [line.count("#") for line in lines] == [40, 0, 20, 20]
+    assert [line.split()[-1] for line in lines] == ["2", "0", "1", "1"]
 
 
 def test_progress_bar_is_drawn_only_on_a_terminal_for_long_actions() -> None:

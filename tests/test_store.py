@@ -161,6 +161,23 @@ async def test_listing_filters_and_stats(store: Store) -> None:
     assert stats.oldest is not None and stats.oldest.tzinfo is not None
 
 
+async def test_pending_ages_counts_messages_by_age_in_one_query(store: Store) -> None:
+    now = utcnow()
+    ages = [timedelta(seconds=1), timedelta(minutes=4), timedelta(hours=2), timedelta(days=9)]
+    for age in ages:
+        m = message("a@example.test", "b@example.test")  # two recipients, one message
+        m.received_at = now - age
+        await store.enqueue(m)
+    delivered = message("c@example.org")
+    await store.enqueue(delivered)
+    claim = await store.claim("n", 10, timedelta(minutes=1), now=now + timedelta(seconds=1))
+    org = next(c for c in claim if c.domain == "example.org")
+    await store.record("n", [Result(org.recipient_id, Event.SUCCESS)])  # no longer pending
+    bounds = [timedelta(minutes=5), timedelta(hours=1), timedelta(days=1)]
+    assert await store.pending_ages(bounds, now) == [2, 0, 1, 1]
+    assert await store.pending_ages([], now) == [4]
+
+
 async def test_migration_creates_the_models(store: Store) -> None:
     def reflect(connection: object) -> MetaData:
         reflected = MetaData()

@@ -104,14 +104,6 @@ def domain_lines(
     return lines
 
 
-def age_histogram(received: Sequence[datetime], now: datetime) -> list[tuple[str, int]]:
-    counts = [0] * len(AGE_BUCKETS)
-    for when in received:
-        age = (now - when).total_seconds()
-        counts[next(i for i, (_, upper) in enumerate(AGE_BUCKETS) if age < upper)] += 1
-    return [(label, count) for (label, _), count in zip(AGE_BUCKETS, counts, strict=True)]
-
-
 def bar_chart(rows: Sequence[tuple[str, int]], mark: str = "#") -> str:
     """A horizontal bar per row, scaled to the largest; a non-zero count shows at least one mark."""
     largest = max((count for _, count in rows), default=0)
@@ -145,15 +137,16 @@ def server_health(listen: str) -> dict[str, Any] | None:
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
+    now = datetime.now(UTC)
     store = await open_store(config.database)
     try:
         revision = await current_revision(store.engine)
         stats = await store.stats()
         states = await store.domain_states()
-        pending = await store.messages()
+        bounds = [timedelta(seconds=upper) for _, upper in AGE_BUCKETS[:-1]]
+        ages = await store.pending_ages(bounds, now)
     finally:
         await store.close()
-    now = datetime.now(UTC)
     facts = {
         "hostname": config.hostname,
         "server": server_health(config.metrics.listen),
@@ -165,7 +158,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         "domains": [line.to_json() for line in domain_lines(config, states, stats, now)],
         "age_histogram": [
             {"age": label, "messages": count}
-            for label, count in age_histogram([m.received_at for m in pending], now)
+            for (label, _), count in zip(AGE_BUCKETS, ages, strict=True)
         ],
     }
     print(_json(facts) if args.json else render(facts, now))
