@@ -1,12 +1,13 @@
 """What the SMTP client refuses to send before talking: a message that needs SMTPUTF8 to a
-primary without it (5.6.7), a message over the primary's advertised SIZE (5.3.4)."""
+primary without it (5.6.7), a message over the primary's advertised SIZE (5.3.4); and the
+body as DATA puts it on the wire (the end-to-end check is test_forwarding_corpus.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from backupmx.deliver.client import PrimaryConnection, Target, Timeouts
+from backupmx.deliver.client import PrimaryConnection, Target, Timeouts, on_the_wire
 from backupmx.deliver.reply import Verdict
 from backupmx.queue.store import Outbound
 
@@ -35,3 +36,14 @@ def test_message_over_the_primarys_size_bounces_5_3_4() -> None:
     assert refusal is not None and refusal.verdict is Verdict.BOUNCED and refusal.status == "5.3.4"
     assert connection({"size": "0"})._refusal(message(size=2000)) is None
     assert connection({})._refusal(message(size=2000)) is None
+
+
+def test_body_on_the_wire_is_dot_stuffed_and_ends_with_the_dot_line() -> None:
+    assert on_the_wire(b"a\r\n.\r\n..b\r\n.") == b"a\r\n..\r\n...b\r\n..\r\n.\r\n"
+    assert on_the_wire(b".first\r\n") == b"..first\r\n.\r\n"
+    assert on_the_wire(b"") == b"\r\n.\r\n"
+
+
+def test_a_bare_line_end_never_reaches_the_wire() -> None:
+    # Stored bodies have none (receive invariant); if one did, "\n.\n" must not end DATA.
+    assert on_the_wire(b"a\n.\nb\r.\rc") == b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n"

@@ -22,6 +22,7 @@ sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ import aiosmtplib
 
 from backupmx.deliver.reply import Outcome, bounced, classify, deferred
 from backupmx.queue.store import Claim, Outbound
+from backupmx.receive.data import has_bare_newline
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class ConnectFailed(Exception):
@@ -148,13 +152,31 @@ class PrimaryConnection:
             await self._reset(0, report)
             return
         try:
-            done = await smtp.data(message.body, timeout=self.timeouts.data)
+            done = await self._data(message.body)
             data_outcome = classify(done.code, done.message)
         except aiosmtplib.SMTPDataError as error:
             data_outcome = classify(error.code, error.message, hold_5xx=hold_5xx)
             report.congestion = error.code == 421 or error.code // 100 == 4
             await self._reset(error.code, report)
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
+
+    async def _data(self, body: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA, then the body as stored with SMTP's dot-stuffing.  aiosmtplib's `data`
+        rewrites every line ending with a regular expression first, which was a
+        quarter of the event loop's time in a flush; stored bodies have CRLF line
+        endings only (the receive invariant), so that pass is skipped when none is bare."""
+        timeout = self.timeouts.data
+        start = await self.smtp.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
+        protocol.write(on_the_wire(body))
+        done = await protocol.read_response(timeout=timeout)
+        if done.code != 250:
+            raise aiosmtplib.SMTPDataError(done.code, done.message)
+        return done
 
     async def _reset(self, code: int, report: SendReport) -> None:
         if code == 421:
@@ -193,6 +215,19 @@ class PrimaryConnection:
             await self.smtp.quit(timeout=5)
         except (aiosmtplib.SMTPException, OSError):
             self.smtp.close()
+
+
+def on_the_wire(body: bytes) -> bytes:
+    """A stored body as DATA sends it: CRLF line endings, a dot doubled at the start
+    of a line (RFC 5321 §4.5.2), and the final ``.`` line."""
+    if has_bare_newline(body):
+        body = _LINE_END.sub(b"\r\n", body)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
 
 
 def tls_context(mode: str, ca_file: str) -> ssl.SSLContext:
