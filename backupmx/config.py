@@ -11,6 +11,7 @@ and the problem; the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -126,6 +127,7 @@ def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
 _DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
+@functools.lru_cache(maxsize=4096)  # called per address and per result with few distinct names
 def normalize_domain(name: str) -> str:
     """Lower-case, IDNA-encoded, trailing dot removed; raises ValueError if not a domain."""
     text = name.strip().rstrip(".").lower()
