@@ -126,6 +126,7 @@ class Deliverer:
                 for claim in claims:
                     by_domain[claim.domain].append(claim)
                 for domain, group in by_domain.items():
+                    self.primaries.claimed(domain)
                     self._spawn(self._deliver_domain(domain, group, claimed_at))
         finally:
             await self.stop()

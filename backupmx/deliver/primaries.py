@@ -150,6 +150,15 @@ class Primaries:
                 self._up_since.pop(domain, None)
                 log.info("primary_down", domain=domain, detail=detail)
 
+    def claimed(self, domain: str) -> None:
+        """Recipients of `domain` were claimed.  The store never hands out a domain
+        marked down, so if this process last wrote "down", something else (an
+        operator's flush, ETRN) has reset it: the next result must be written
+        again, not skipped as a repeat."""
+        last = self._written.get(domain)
+        if last and not last[0]:
+            del self._written[domain]
+
     def down_since(self, domain: str) -> tuple[float, str] | None:
         """When (monotonic) and why this process last saw the domain fail, if it is down."""
         return self._down.get(domain)
