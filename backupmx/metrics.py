@@ -49,7 +49,7 @@ from prometheus_client import (
 
 from backupmx.config import normalize_domain, parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
-from backupmx.queue.store import DomainState, Stats, Store, utcnow
+from backupmx.queue.store import DomainState, Stats, Store, utcnow, waiting
 from backupmx.receive.address import RelayDomains
 
 log = structlog.get_logger("backupmx")
@@ -264,9 +264,8 @@ class QueueView:
     def summary(self) -> str:
         """One line for systemd's STATUS=: queue size and the primaries that are down."""
         counts = self.stats.recipients
-        waiting = counts.get("queued", 0) + counts.get("sending", 0)
         text = (
-            f"queue: {self.stats.messages} message(s), {waiting} recipient(s) waiting, "
+            f"queue: {self.stats.messages} message(s), {waiting(counts)} recipient(s) waiting, "
             f"{counts.get('held', 0)} held"
         )
         down = sorted(n for n, s in self.states.items() if s.state == "down" and _is_ours(n))

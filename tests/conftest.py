@@ -20,11 +20,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from backupmx.queue.database import upgrade
+from backupmx.queue.store import Store
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BACKUPMX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -229,3 +232,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'queue.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A migrated, started queue store on SQLite and on PostgreSQL."""
+    opened = Store.open(database_url)
+    await upgrade(opened.engine)
+    opened.start()
+    yield opened
+    await opened.close()

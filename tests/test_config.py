@@ -42,6 +42,9 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     assert config.limits.max_recipients == 1000  # default
 
 
+DOMAIN_TABLE = '[[domain]]\nname = "example.test"\n'
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -54,6 +57,20 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         ('[[domain]]\nname = "a.test"\nprimary = ["host:99999"]', "domain[0].primary[0]"),
         ('[[domain]]\nprimary = ["host"]', "domain[0].name"),
         ('database = "mysql://x"', "database"),
+        (f'{DOMAIN_TABLE}recipients = "list"', "domain[0].recipient_list"),
+        (
+            f'{DOMAIN_TABLE}recipients = "list"\nrecipient_list = "/nonexistent/list.txt"',
+            "domain[0].recipient_list",
+        ),
+        (f'{DOMAIN_TABLE}recipients = "some"', "domain[0].recipients"),
+        (f'{DOMAIN_TABLE}verify_unknown = "maybe"', "domain[0].verify_unknown"),
+        ('[spamcheck]\nbackend = "spamd"', "spamcheck.address"),
+        ('[spamcheck]\nbackend = "command"', "spamcheck.command"),
+        ('[spamcheck]\nbackend = "rspamd"\naddress = "localhost"', "spamcheck.address"),
+        ('[spamcheck]\non_error = "drop"', "spamcheck.on_error"),
+        ('[spamcheck]\nactions = { spam = "bounce" }', "spamcheck.actions.spam"),
+        ("[spamcheck]\nthresholds = { quarantine = 5.0 }", "spamcheck.thresholds"),
+        ('[spamcheck]\nthresholds = { reject = "high" }', "spamcheck.thresholds.reject"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:

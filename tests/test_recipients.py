@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 
 from backupmx.config import Recipients
-from backupmx.queue.database import upgrade
 from backupmx.queue.state import Event
 from backupmx.queue.store import NewMessage, NewRecipient, Result, Store, new_queue_id, utcnow
 from backupmx.receive import recipients as recipients_module
@@ -82,16 +81,6 @@ def test_list_is_reread_when_its_mtime_changes(
 
 
 # --------------------------------------------------------------------------- the verifier
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    """The queue store on SQLite and on PostgreSQL (the cache is an upsert on both)."""
-    opened = Store.open(database_url)
-    await upgrade(opened.engine)
-    opened.start()
-    yield opened
-    await opened.close()
 
 
 class FakeCallout:
@@ -326,25 +315,3 @@ def test_verify_mode_callouts_fill_the_cache_which_answers_while_the_primary_is_
     assert alice.startswith("450 4.2.1"), alice  # the positive entry expired
     assert bob.startswith("450 4.2.1"), bob
     assert '"event": "callout"' in server.log()
-
-
-@pytest.mark.parametrize(
-    ("text", "key"),
-    [
-        ('recipients = "list"', "domain[0].recipient_list"),
-        (
-            'recipients = "list"\nrecipient_list = "/nonexistent/list.txt"',
-            "domain[0].recipient_list",
-        ),
-        ('recipients = "some"', "domain[0].recipients"),
-        ('verify_unknown = "maybe"', "domain[0].verify_unknown"),
-    ],
-)
-def test_recipient_settings_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
-    from backupmx.config import ConfigError, load
-
-    path = tmp_path / "c.toml"
-    path.write_text(f'[[domain]]\nname = "example.test"\n{text}\n')
-    with pytest.raises(ConfigError) as error:
-        load(path)
-    assert error.value.key == key

@@ -372,25 +372,3 @@ def test_rspamd_defer_by_score_threshold(server_factory: Any, rspamd: Rspamd) ->
     code, reply = send(server, HAM)
     assert (code, reply[:5]) == (451, "4.7.1"), reply
     assert server.queue() == []
-
-
-@pytest.mark.parametrize(
-    ("text", "key"),
-    [
-        ('backend = "spamd"', "spamcheck.address"),
-        ('backend = "command"', "spamcheck.command"),
-        ('backend = "rspamd"\naddress = "localhost"', "spamcheck.address"),
-        ('on_error = "drop"', "spamcheck.on_error"),
-        ('actions = { spam = "bounce" }', "spamcheck.actions.spam"),
-        ("thresholds = { quarantine = 5.0 }", "spamcheck.thresholds"),
-        ('thresholds = { reject = "high" }', "spamcheck.thresholds.reject"),
-    ],
-)
-def test_spamcheck_settings_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
-    from backupmx.config import ConfigError, load
-
-    path = tmp_path / "c.toml"
-    path.write_text(f"[spamcheck]\n{text}\n")
-    with pytest.raises(ConfigError) as error:
-        load(path)
-    assert error.value.key == key

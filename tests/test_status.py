@@ -32,6 +32,16 @@ from conftest import free_port, write_config
 BODY = b"Received: from client.test\r\nSubject: held\r\n\r\nbody line\r\n"
 
 
+def backupmx(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as an operator runs it: its own process, text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "backupmx", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @dataclass
 class Populated:
     config: Path
@@ -40,12 +50,7 @@ class Populated:
     ids: dict[str, str]  # name -> queue id
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "backupmx", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = backupmx(self.config, *args)
         if check and result.returncode != 0:
             raise AssertionError(f"backupmx {' '.join(args)}: {result.stderr}")
         return result
@@ -314,10 +319,7 @@ def test_actions_refuse_ids_with_filters_and_nothing_at_all(populated: Populated
 
 
 def test_missing_config_file_exits_2_naming_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "backupmx", "--config", str(tmp_path / "nope.toml"), "status"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = backupmx(tmp_path / "nope.toml", "status")
     assert result.returncode == 2
     assert f"cannot read {tmp_path / 'nope.toml'}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -329,10 +331,7 @@ def test_postgresql_down_says_database_unreachable_and_exits_1(
 ) -> None:
     url = f"postgresql://backupmx:secret@127.0.0.1:{free_port()}/backupmx"  # nothing listens
     config = write_config(tmp_path / "backupmx.toml", {"database": url})
-    result = subprocess.run(
-        [sys.executable, "-m", "backupmx", "--config", str(config), *verb],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = backupmx(config, *verb)
     assert result.returncode == 1
     assert result.stderr.startswith("backupmx: database unreachable: postgresql")
     assert "secret" not in result.stderr and "Traceback" not in result.stderr
@@ -342,10 +341,7 @@ def test_a_missing_sqlite_queue_is_unreachable_not_silently_created(tmp_path: Pa
     config = write_config(
         tmp_path / "backupmx.toml", {"database": f"sqlite:///{tmp_path / 'typo.db'}"}
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "backupmx", "--config", str(config), "status"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = backupmx(config, "status")
     assert result.returncode == 1
     assert "database unreachable" in result.stderr and "db upgrade" in result.stderr
     assert not (tmp_path / "typo.db").exists()
@@ -356,9 +352,6 @@ def test_status_on_an_old_schema_says_run_db_upgrade(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "backupmx.toml", {"database": f"sqlite:///{tmp_path / 'empty.db'}"}
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "backupmx", "--config", str(config), "status"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = backupmx(config, "status")
     assert result.returncode == 1
     assert "run `backupmx db upgrade`" in result.stderr

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import MetaData
 
-from backupmx.queue.database import upgrade
 from backupmx.queue.models import metadata
 from backupmx.queue.state import Event
 from backupmx.queue.store import (
@@ -23,15 +21,6 @@ from backupmx.queue.store import (
 )
 from backupmx.queue.writer import GroupCommitWriter
 from backupmx.receive.spool import Spool
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = Store.open(database_url)
-    await upgrade(opened.engine)
-    opened.start()
-    yield opened
-    await opened.close()
 
 
 def message(*addresses: str, body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> NewMessage:

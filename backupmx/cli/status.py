@@ -27,7 +27,7 @@ from typing import Any
 from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.config import Config, parse_host_port
 from backupmx.queue.database import current_revision, safe_url
-from backupmx.queue.store import DomainState, Stats
+from backupmx.queue.store import DomainState, Stats, waiting
 
 HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
 BAR_WIDTH = 40
@@ -83,9 +83,8 @@ def domain_lines(
     for name in sorted(backed_up | set(queued)):
         state = states.get(name)
         counts = queued[name].counts if name in queued else {}
-        waiting = counts.get("queued", 0) + counts.get("sending", 0)
         next_probe = None
-        if waiting:
+        if waiting(counts):
             last = state.last_probe_at if state else None
             interval = timedelta(seconds=config.delivery.probe_interval)
             next_probe = max(last + interval, now) if last else now
@@ -95,7 +94,7 @@ def domain_lines(
                 backed_up=name in backed_up,
                 state=state.state if state else "unknown",
                 since=state.since if state else None,
-                queued=waiting,
+                queued=waiting(counts),
                 held=counts.get("held", 0),
                 oldest=queued[name].oldest if name in queued else None,
                 next_probe=next_probe,

@@ -22,7 +22,6 @@ sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,9 +30,7 @@ import aiosmtplib
 
 from backupmx.deliver.reply import Outcome, bounced, classify, deferred
 from backupmx.queue.store import Claim, Outbound
-from backupmx.receive.data import has_bare_newline
-
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+from backupmx.receive.data import has_bare_newline, to_crlf
 
 
 class ConnectFailed(Exception):
@@ -221,7 +218,7 @@ def on_the_wire(body: bytes) -> bytes:
     """A stored body as DATA sends it: CRLF line endings, a dot doubled at the start
     of a line (RFC 5321 §4.5.2), and the final ``.`` line."""
     if has_bare_newline(body):
-        body = _LINE_END.sub(b"\r\n", body)
+        body = to_crlf(body)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     stuffed = body.replace(b"\r\n.", b"\r\n..")

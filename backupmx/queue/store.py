@@ -238,6 +238,11 @@ class DomainStats:
     oldest: datetime | None
 
 
+def waiting(counts: dict[str, int]) -> int:
+    """Recipients still to be sent (queued, or being sent now), from per-state counts."""
+    return counts.get(State.QUEUED.value, 0) + counts.get(State.SENDING.value, 0)
+
+
 @dataclass(frozen=True)
 class Stats:
     messages: int  # messages with at least one pending recipient

@@ -100,7 +100,7 @@ class DataDecoder:
         if has_bare_newline(block):
             self.bare_newline = True
             if self._normalize:
-                block = _BARE.sub(b"\r\n", block)
+                block = to_crlf(block)
         block = block.replace(b"\r\n.", b"\r\n")
         # Each block starts with the CRLF that ended the previous line; the very
         # first is our virtual one and is not part of the body.
@@ -110,6 +110,11 @@ class DataDecoder:
     def _emit_last_line(self) -> None:
         if not self.too_big and self._started:
             self._sink(b"\r\n")
+
+
+def to_crlf(block: bytes) -> bytes:
+    """Every bare CR or LF made CRLF."""
+    return _BARE.sub(b"\r\n", block)
 
 
 def has_bare_newline(block: bytes) -> bool:
