@@ -201,7 +201,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         released = await store.release_leases(owner)
         if released:
             log.info("leases_reclaimed", recipients=released)
-        store.start()
+        await store.start()
         app = App(config, store)
         primaries = app.primaries()
         deliverer = app.deliverer(primaries)

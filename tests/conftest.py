@@ -239,6 +239,6 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     """A migrated, started queue store on SQLite and on PostgreSQL."""
     opened = Store.open(database_url)
     await upgrade(opened.engine)
-    opened.start()
+    await opened.start()
     yield opened
     await opened.close()

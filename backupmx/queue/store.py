@@ -3,8 +3,8 @@
 Promises:
 
 * `enqueue` returns only after the message and all its recipients are committed
-  (through the group-commit writer); on any storage error it raises and nothing
-  of the message is visible.
+  (by the intake process, `backupmx.queue.intake`, in group commits); on any
+  storage error it raises and nothing of the message is visible.
 * `claim` hands each due recipient to one claimant at a time, under a lease:
   SQLite by ``UPDATE … RETURNING`` inside ``BEGIN IMMEDIATE``; PostgreSQL by
   ``FOR UPDATE SKIP LOCKED`` in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n
@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import open_engine, open_writer_engine
+from backupmx.queue.intake import Intake
 from backupmx.queue.models import domains, greylist, messages, recipient_verdicts, recipients
 from backupmx.queue.state import PENDING, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
@@ -54,6 +55,10 @@ class BodySource(Protocol):
 
     def read(self) -> bytes: ...
 
+    def portable(self) -> BodySource:
+        """The same body in a form the intake process can read (picklable)."""
+        ...
+
 
 @dataclass(frozen=True)
 class BytesBody:
@@ -67,6 +72,24 @@ class BytesBody:
 
     def read(self) -> bytes:
         return self.data
+
+    def portable(self) -> BytesBody:
+        return self
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """A body in a file another process holds open, read through its /proc link."""
+
+    path: str
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as body:
+            return body.read()
+
+    def portable(self) -> OpenedFile:
+        return self
 
 
 @dataclass(frozen=True)
@@ -326,22 +349,18 @@ def _rows(
     return message_rows, recipient_rows
 
 
-class _Inserter:
+class Inserter:
     """The inserts of new messages and recipients, compiled once for the writer's
     dialect and run with the driver's own executemany.  SQLAlchemy's per-execution
-    machinery measured more CPU than SQLite's work itself, and in the writer thread
-    it holds the GIL the event loop needs."""
+    machinery measured more CPU than SQLite's work itself."""
 
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
         self._prepared: dict[str, tuple[str, list[str], list[Any]]] = {}
 
-    def run(
-        self,
-        conn: Connection,
-        message_rows: list[dict[str, Any]],
-        recipient_rows: list[dict[str, Any]],
-    ) -> None:
+    def insert(self, conn: Connection, batch: Sequence[NewMessage], now: datetime) -> None:
+        """New messages, all their recipients queued and due `now`, in `conn`'s transaction."""
+        message_rows, recipient_rows = _rows(batch, now)
         cursor = conn.connection.cursor()
         try:
             for table, rows in ((messages, message_rows), (recipients, recipient_rows)):
@@ -451,10 +470,10 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = open_engine(url)
-        self._writer: GroupCommitWriter[NewMessage] = GroupCommitWriter(self._write_batch)
+        self._intake = Intake(url)
         self._recorder: GroupCommitWriter[_Report] = GroupCommitWriter(self._record_batch)
         self._writer_engine: Engine | None = None
-        self._inserter: _Inserter | None = None
+        self._inserter: Inserter | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -465,16 +484,17 @@ class Store:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def start(self) -> None:
-        """Start the group-commit writers: receipts, and delivery results (serve only)."""
+    async def start(self) -> None:
+        """Start the writers (serve only): the intake process for received mail, and the
+        group-commit thread for delivery results."""
         self._writer_engine = open_writer_engine(self.url)
-        self._inserter = _Inserter(self._writer_engine.dialect)
+        self._inserter = Inserter(self._writer_engine.dialect)
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
-        self._writer.start()
         self._recorder.start()
+        await self._intake.start()
 
     async def close(self) -> None:
-        await self._writer.stop()
+        await self._intake.close()
         await self._recorder.stop()
         if self._writer_thread is not None:
             self._writer_thread.shutdown(wait=True)
@@ -485,18 +505,7 @@ class Store:
     # ------------------------------------------------------------------ receive
 
     async def enqueue(self, message: NewMessage) -> None:
-        await self._writer.submit(message)
-
-    async def _write_batch(self, batch: Sequence[NewMessage]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_thread, self._write_batch_now, batch)
-
-    def _write_batch_now(self, batch: Sequence[NewMessage]) -> None:
-        """In the writer thread: read the spooled bodies, insert, commit (one fsync)."""
-        assert self._writer_engine is not None and self._inserter is not None
-        rows = _rows(batch, utcnow())
-        with self._writer_engine.begin() as conn:
-            self._inserter.run(conn, *rows)
+        await self._intake.commit(replace(message, body=message.body.portable()))
 
     # ------------------------------------------------------------------ deliver
 
@@ -610,7 +619,7 @@ class Store:
         with self._writer_engine.begin() as conn:
             if notices:
                 assert self._inserter is not None
-                self._inserter.run(conn, *_rows(notices, now))
+                self._inserter.insert(conn, notices, now)
             for report in batch:
                 report.changed = 0
                 for event, params in _result_params(report, now).items():

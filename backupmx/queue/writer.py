@@ -1,14 +1,14 @@
-"""Group commit: one writer task turns many sessions' messages into one transaction.
+"""Group commit: one writer task turns many callers' items into one transaction.
 
-Each session hands its message to `GroupCommitWriter.submit` and waits; the
-writer takes everything that is waiting (up to `max_batch` messages and
-`max_batch_bytes` of body), writes it in one transaction — one fsync for the
-batch — and only then resolves every session's wait.  So a session answers
-``250`` only after its message and all its recipients are durable (design.md
-invariant 1), and under load the cost of the fsync is shared.
+Each caller hands its item (the delivery results of one connection) to
+`GroupCommitWriter.submit` and waits; the writer takes everything that is
+waiting (up to `max_batch` items and `max_batch_bytes`), writes it in one
+transaction — one fsync for the batch — and only then resolves every caller's
+wait.  Received mail is committed the same way, by the intake process
+(`backupmx.queue.intake`).
 
-On failure every message of the batch gets the exception; nothing is retried
-here — the sessions answer 4xx and the clients retry.
+On failure every item of the batch gets the exception; nothing is retried
+here.
 """
 
 from __future__ import annotations

@@ -303,9 +303,8 @@ class Session(SMTP):
             lines.append("STARTTLS")
         if self.listener.etrn is not None and self.policy.may_etrn(self.client_ip):
             lines.append("ETRN")
-        for line in lines[:-1]:
-            self._writer.write(f"250-{line}\r\n".encode())
-        await self.push(f"250 {lines[-1]}")
+        # One write for the whole reply: each write is a send() system call.
+        await self.push("".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}")
 
     async def cmd_mail(self, arg: str) -> None:
         if not self.helo:

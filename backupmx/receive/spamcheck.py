@@ -33,7 +33,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -105,6 +105,9 @@ class TaggedBody:
     def read(self) -> bytes:
         data = self.body.read()
         return data[: self.ours] + self.headers + data[self.ours :]
+
+    def portable(self) -> TaggedBody:
+        return replace(self, body=self.body.portable())
 
 
 def decide(scan: Scan, settings: SpamCheck) -> SpamAction:

@@ -3,7 +3,8 @@
 Small bodies stay in memory; past `memory_limit` the spool moves to an unlinked
 temporary file, so fifty sessions each sending 10 MiB cost disk pages, not
 resident memory (Postfix's cleanup streams to its queue file the same way).
-The group-commit writer reads each body back only while writing its batch.
+The intake process reads a spooled file through its /proc link only while
+writing its batch.
 
 Keeps the header section, up to `HEAD_SIZE` bytes (for the Received: loop count).  The SHA-256
 is computed by the store in its writer thread, off the event loop (100 KiB
@@ -12,8 +13,11 @@ costs 0.3 ms).  Disk errors surface as OSError from `write`.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import IO
+
+from backupmx.queue.store import BytesBody, OpenedFile
 
 HEAD_SIZE = 256 * 1024  # enough header section for 100+ Received: fields
 
@@ -60,6 +64,14 @@ class Spool:
         self._file.flush()
         self._file.seek(0)
         return self._file.read()
+
+    def portable(self) -> BytesBody | OpenedFile:
+        """For the intake process: the bytes, or the unlinked file by its /proc link
+        (which this process keeps open until the commit is acknowledged)."""
+        if self._file is None:
+            return BytesBody(b"".join(self._chunks))
+        self._file.flush()
+        return OpenedFile(f"/proc/{os.getpid()}/fd/{self._file.fileno()}", self.size)
 
     def close(self) -> None:
         if self._file is not None:
