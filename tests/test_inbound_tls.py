@@ -172,3 +172,25 @@ def test_sighup_loads_a_new_certificate_without_dropping_sessions(
     finally:
         in_tls.close()
         plain.close()
+
+
+def test_a_failed_handshake_frees_its_connection_slot_and_the_server_still_stops_cleanly(
+    server_factory: Any, tmp_path: Path, first_ca: trustme.CA
+) -> None:
+    """asyncio reports no lost connection to the protocol above a TLS transport whose
+    handshake failed; the session must end itself, or it holds a connection slot for
+    good and SIGTERM's drain waits for it."""
+    tls = install(first_ca.issue_cert(HOSTNAME, "127.0.0.1"), tmp_path)
+    server = server_factory(tls=tls, limits={"max_connections_per_ip": 2}).start()
+    for attempt in range(1, 5):
+        client = RawClient(server.host, server.port)
+        assert client.command("EHLO refused-cert.test").code == 250
+        assert client.command("STARTTLS").startswith("220 2.0.0")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            client.start_tls(client_context(trustme.CA()), HOSTNAME)  # not our CA
+        client.close()
+        wait_for_log(server, "tls_failed", attempt)
+    with tls_session(server, client_context(first_ca)) as client:  # the slot is free again
+        message(client, "after-failed-handshakes")
+    assert server.stop(timeout=15) == 0
+    assert "Traceback" not in server.log()

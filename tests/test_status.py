@@ -79,7 +79,7 @@ async def fill(url: str) -> dict[str, str]:
     store = Store.open(url)
     try:
         await upgrade(store.engine)
-        store.start()
+        await store.start()
         messages = {
             "spam": message("spammer@bad.test", ["a@example.com"], timedelta(days=2), now),
             "outage": message(
