@@ -38,10 +38,10 @@ import contextvars
 import random
 import ssl
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
@@ -106,7 +106,33 @@ class Incoming:
             self.spool_error.append(error)
 
 
-Step = Awaitable[None]
+Step = Coroutine[Any, Any, None]
+
+
+class Started:
+    """The rest of a coroutine that `Session._start` ran by hand until it first waited:
+    awaiting this hands the task each future the coroutine waits on, as ``await`` would
+    (what Python 3.12's eager tasks do)."""
+
+    def __init__(self, coroutine: Step, waiting_on: Any) -> None:
+        self._coroutine = coroutine
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        waiting_on = self._waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except BaseException as error:  # the task was cancelled: pass it on
+                try:
+                    waiting_on = self._coroutine.throw(error)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting_on = self._coroutine.send(sent)
+                except StopIteration:
+                    return
 
 
 class Session(SMTP):
@@ -282,6 +308,8 @@ class Session(SMTP):
     def _received(self, data: bytes) -> None:
         if self._incoming is not None and not self._incoming.decoder.done:
             self._feed_data(data)
+            if self._incoming is None:  # refused without waiting: go on with what follows
+                self._answer()
             return
         self._inbox += data
         if self._step is None:
@@ -345,28 +373,42 @@ class Session(SMTP):
             self._start(step)
 
     def _start(self, step: Step) -> None:
-        self._step = self.loop.create_task(self._run(step))
+        """Run `step` at once, up to its first real wait: only a step that waits becomes a
+        task (an RCPT whose checks are all in memory never does)."""
+        context = contextvars.copy_context()  # the step's own, as a task would have
+        try:
+            waiting_on = context.run(step.send, None)
+        except StopIteration:
+            return
+        except Exception as error:
+            self._step_failed(error)
+            return
+        self._step = self.loop.create_task(self._run(Started(step, waiting_on)), context=context)
 
-    async def _run(self, step: Step) -> None:
-        """One step; then the inbox is answered on (in the session's context)."""
+    async def _run(self, step: Started) -> None:
+        """The rest of a step; then the inbox is answered on (in the session's context)."""
         try:
             await step
         except asyncio.CancelledError:
             raise
-        except TLSSetupException:
-            log.info("tls_failed")
-            self._tls_failed()
-        except ConnectionError as error:
-            log.info("connection_failed", error=str(error))
-            if self.transport is not None:
-                self.transport.close()
         except Exception as error:
-            log.exception("command_failed", error=str(error))
-            self.reply("451 4.3.0 Error: internal error, try again later")
+            self._step_failed(error)
         finally:
             self._step = None
         assert self._context is not None
         self._context.run(self._answer)
+
+    def _step_failed(self, error: Exception) -> None:
+        if isinstance(error, TLSSetupException):
+            log.info("tls_failed")
+            self._tls_failed()
+        elif isinstance(error, ConnectionError):
+            log.info("connection_failed", error=str(error))
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            log.exception("command_failed", error=str(error))
+            self.reply("451 4.3.0 Error: internal error, try again later")
 
     # ------------------------------------------------------------------ commands
 
