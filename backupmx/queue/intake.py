@@ -24,7 +24,8 @@ Failure: a failed batch is acknowledged with its error (nothing of it is
 visible), and `commit` raises — `OSError(ENOSPC)` when storage is full — so the
 session answers 4xx.  The process ignores SIGTERM, SIGINT and SIGHUP (systemd
 signals the whole control group): it leaves when the receiver closes the socket
-(or dies), after the batch in hand.  If it dies, every waiting session gets
+(or dies), after the batch in hand.  It logs ``message_accepted`` for each
+message it commits.  If it dies, every waiting session gets
 `IntakeError` (``451``) and the next message starts a new one.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import logging
 import pickle
 import select
 import signal
@@ -97,8 +99,7 @@ class _Channel(asyncio.Protocol):
         self._inbox = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self._inbox += data
@@ -155,6 +156,7 @@ class Intake:
                         "backupmx.queue.intake",
                         str(theirs.fileno()),
                         self.url,
+                        logging.getLevelName(log.bind().get_effective_level()).lower(),
                     ),
                     pass_fds=[theirs.fileno()],
                     stdin=subprocess.DEVNULL,
@@ -233,6 +235,17 @@ def run(channel: socket.socket, url: str) -> None:
             log.error("batch_write_failed", messages=len(batch), error=str(error))
             failure = (storage_full(error), f"{type(error).__name__}: {error}")
         channel.sendall(b"".join(frame((message.id, failure)) for message in batch))
+        if failure is None:
+            for message in batch:  # here, off the receiver's event loop
+                log.info(
+                    "message_accepted",
+                    session=message.session_id,
+                    client=message.client_ip,
+                    queue_id=message.id,
+                    sender=message.sender,
+                    size=message.size,
+                    rcpts=len(message.recipients),
+                )
 
 
 def _receive(channel: socket.socket, inbox: bytearray) -> bool:
@@ -258,12 +271,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("fd", type=int)
     parser.add_argument("url")
+    parser.add_argument("log_level")
     args = parser.parse_args()
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, signal.SIG_IGN)
     from backupmx import logs
 
-    logs.configure()
+    logs.configure(args.log_level)
     channel = socket.socket(fileno=args.fd)
     with channel:
         run(channel, args.url)

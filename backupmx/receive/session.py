@@ -754,13 +754,7 @@ class Session(SMTP):
             if full:
                 return "452 4.3.1 Error: insufficient system storage"
             return "451 4.3.0 Error: queue file write error, try again later"
-        log.info(
-            "message_accepted",
-            sender=message.sender,
-            size=body.size,
-            rcpts=len(message.recipients),
-        )
-        return f"250 2.0.0 Ok: queued as {incoming.queue_id}"
+        return f"250 2.0.0 Ok: queued as {incoming.queue_id}"  # the intake logs it
 
 
 Command = Callable[[Session, str], Step | None]
