@@ -177,6 +177,52 @@ class RawClient:
         return False
 
 
+class RawSession:
+    """A loopback TCP connection that speaks SMTP by hand, one reply at a time, as text.
+
+    Unlike `RawClient` it does not read the greeting itself: the lifecycle and
+    hostile-client tests watch what the server sends, and when, from the start.
+    """
+
+    def __init__(
+        self, server: ServerProcess, source: str | None = None, timeout: float = 20
+    ) -> None:
+        self.sock = socket.create_connection(
+            (server.host, server.port),
+            timeout=timeout,
+            source_address=(source, 0) if source else None,
+        )
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> str:
+        """One whole reply (continuation lines included), or EOFError if the server closed."""
+        lines = []
+        while True:
+            line = self.file.readline(65536)
+            if not line:
+                raise EOFError("connection closed by the server")
+            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: str) -> str:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.file.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
 def swaks(
     server: ServerProcess, *args: str, timeout: float = 30.0
 ) -> subprocess.CompletedProcess[str]:

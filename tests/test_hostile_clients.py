@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import DOMAIN, ServerProcess
+from smtp_client import RawSession
 
 RSS_LIMIT_MIB = 200
 MAX_ERRORS = 20  # limits.max_errors default
@@ -63,40 +64,6 @@ def send_well_behaved(
     match = QUEUED.search(reply.decode())
     assert code == 250 and match, f"well-behaved client got {code} {reply!r}"
     return match.group(1)
-
-
-class RawSession:
-    """A loopback TCP connection that speaks SMTP by hand."""
-
-    def __init__(self, server: ServerProcess, source: str = "127.0.0.1", timeout: float = 20):
-        self.sock = socket.create_connection(
-            (server.host, server.port), timeout=timeout, source_address=(source, 0)
-        )
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> str:
-        """One whole reply (continuation lines included), or EOFError if the server closed."""
-        lines = []
-        while True:
-            line = self.file.readline(65536)
-            if not line:
-                raise EOFError("connection closed by the server")
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.file.read(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------- garbage

@@ -26,41 +26,10 @@ from typing import Any
 import pytest
 
 from conftest import DOMAIN, ServerProcess
+from smtp_client import RawSession
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
 OTHER = "example.org"
-
-
-class RawSession:
-    """A loopback TCP connection that speaks SMTP by hand, one reply at a time."""
-
-    def __init__(self, server: ServerProcess, timeout: float = 20) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.file.readline(65536)
-            if not line:
-                raise EOFError("connection closed by the server")
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def command(self, line: str) -> str:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.file.read(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def open_session(server: ServerProcess) -> RawSession:
