@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import MetaData
@@ -148,6 +149,28 @@ async def test_listing_filters_and_stats(store: Store) -> None:
     assert stats.messages == 1 and stats.recipients["delivered"] == 1
     assert [d.domain for d in stats.domains] == ["example.test"]
     assert stats.oldest is not None and stats.oldest.tzinfo is not None
+
+
+async def test_message_pages_cover_the_listing_a_page_at_a_time(store: Store) -> None:
+    sent = []
+    for n in range(7):  # one at a time: queue ids (microseconds first) in this order
+        sent.append(message(f"r{n}@example.test" if n % 3 else f"r{n}@example.org"))
+        await store.enqueue(sent[-1])
+    claims = await store.claim("n", 10, timedelta(minutes=1))
+    first = next(c for c in claims if c.message_id == sent[1].id)
+    await store.record("n", [Result(first.recipient_id, Event.SUCCESS)])
+    await store.release_leases("n")
+
+    async def paged(**filters: Any) -> list[list[str]]:
+        return [[m.id for m in page] async for page in store.message_pages(size=2, **filters)]
+
+    ids = [m.id for m in sent]
+    pending = [i for i in ids if i != sent[1].id]
+    assert await paged() == [pending[0:2], pending[2:4], pending[4:6]]
+    assert await paged(include_final=True) == [ids[0:2], ids[2:4], ids[4:6], ids[6:]]
+    org = [sent[n].id for n in (0, 3, 6)]
+    assert await paged(domain="example.org") == [org[0:2], org[2:]]
+    assert [m.id for m in await store.messages()] == pending  # the same, oldest first
 
 
 async def test_pending_ages_counts_messages_by_age_in_one_query(store: Store) -> None:

@@ -21,7 +21,7 @@ import base64
 import fnmatch
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -33,7 +33,14 @@ from backupmx.cli import CommandError
 from backupmx.config import Config, normalize_domain, parse_duration
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
 from backupmx.queue.state import FINAL, Event, State
-from backupmx.queue.store import MessageView, RecipientView, SpamRecord, Stats, Store
+from backupmx.queue.store import (
+    MessageView,
+    RecipientView,
+    SpamRecord,
+    Stats,
+    Store,
+    oldest_first,
+)
 
 ACTIONS = ("hold", "release", "requeue", "delete", "bounce")
 BATCH = 500  # message IDs per store call in a bulk action: one transaction each
@@ -191,11 +198,14 @@ def _like(address: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(address.lower(), pattern.lower())
 
 
-async def select(store: Store, selection: Selection) -> list[MessageView]:
-    """The messages a selection covers, oldest first."""
-    found = await store.messages(include_final=selection.include_final, domain=selection.domain)
+async def select(store: Store, selection: Selection) -> AsyncIterator[MessageView]:
+    """The messages a selection covers, in queue-id order, read a page at a time."""
     now = datetime.now(UTC)
-    return [m for m in found if selection.matches(m, now)]
+    pages = store.message_pages(include_final=selection.include_final, domain=selection.domain)
+    async for page in pages:
+        for message in page:
+            if selection.matches(message, now):
+                yield message
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
@@ -203,7 +213,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     try:
         verb = args.queue_verb
         if verb == "list":
-            found = await select(store, Selection.from_args(args))
+            found = oldest_first([m async for m in select(store, Selection.from_args(args))])
             print(_json([m.to_json() for m in found]) if args.json else render_list(found))
         elif verb in ACTIONS:
             await run_action(store, args, config)
@@ -252,7 +262,7 @@ async def run_action(store: Store, args: argparse.Namespace, config: Config) -> 
         raise CommandError(f"queue {verb} takes IDs or filters, not both")
     if not args.ids and not selection.filtered:
         raise CommandError(f"queue {verb} needs IDs or a filter (--domain, --sender, …)")
-    ids = list(args.ids) or [m.id for m in await select(store, selection)]
+    ids = list(args.ids) or [m.id async for m in select(store, selection)]
     if selection.filtered and not args.yes:
         if args.json:
             print(_json({"action": verb, "dry_run": True, "messages": len(ids), "ids": ids}))

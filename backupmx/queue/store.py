@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -47,6 +47,10 @@ def new_queue_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def oldest_first(found: Iterable[MessageView]) -> list[MessageView]:
+    return sorted(found, key=lambda m: (m.received_at, m.id))
 
 
 class BodySource(Protocol):
@@ -855,23 +859,36 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     async def messages(
-        self, *, include_final: bool = False, domain: str | None = None, limit: int | None = None
+        self, *, include_final: bool = False, domain: str | None = None
     ) -> list[MessageView]:
         """Messages oldest first; by default only those with a recipient still pending."""
-        wanted = select(recipients.c.message_id)
+        pages = self.message_pages(include_final=include_final, domain=domain)
+        return oldest_first([message async for page in pages for message in page])
+
+    async def message_pages(
+        self, *, include_final: bool = False, domain: str | None = None, size: int = 1000
+    ) -> AsyncIterator[list[MessageView]]:
+        """The messages of `messages`, `size` at a time in queue-id order (arrival,
+        to the microsecond), each page read on its own along the primary key: a bulk
+        action over a queue of millions holds one page, not the queue, and holds no
+        read snapshot open for its whole run."""
+        wanted = select(recipients.c.id).where(recipients.c.message_id == messages.c.id)
         if not include_final:
             wanted = wanted.where(recipients.c.state.in_(_PENDING))
         if domain:
             wanted = wanted.where(recipients.c.domain == domain.lower())
-        query = (
-            select(*_MESSAGE_COLUMNS)
-            .where(messages.c.id.in_(wanted.distinct()))
-            .order_by(messages.c.received_at, messages.c.id)
-            .limit(limit)
-        )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            return await self._views(conn, rows)
+        query = select(*_MESSAGE_COLUMNS).where(wanted.exists()).order_by(messages.c.id)
+        after = ""
+        while True:
+            async with self.engine.connect() as conn:
+                page = query.where(messages.c.id > after).limit(size)
+                rows = (await conn.execute(page)).all()
+                views = await self._views(conn, rows)
+            if views:
+                yield views
+            if len(rows) < size:
+                return
+            after = rows[-1].id
 
     async def message(self, message_id: str) -> MessageView:
         async with self.engine.connect() as conn:
