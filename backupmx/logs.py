@@ -31,3 +31,9 @@ def configure(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
+
+
+def level() -> str:
+    """The level `configure` set, by name: a child process logs at the same one."""
+    logger = structlog.get_logger().bind()
+    return str(logging.getLevelName(logger.get_effective_level())).lower()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import logging
 import pickle
 import select
 import signal
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from backupmx import logs
 from backupmx.queue.database import open_writer_engine, storage_full
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Intake:
                         "backupmx.queue.intake",
                         str(theirs.fileno()),
                         self.url,
-                        logging.getLevelName(log.bind().get_effective_level()).lower(),
+                        logs.level(),
                     ),
                     pass_fds=[theirs.fileno()],
                     stdin=subprocess.DEVNULL,
@@ -275,8 +275,6 @@ def main() -> None:
     args = parser.parse_args()
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, signal.SIG_IGN)
-    from backupmx import logs
-
     logs.configure(args.log_level)
     channel = socket.socket(fileno=args.fd)
     with channel:
