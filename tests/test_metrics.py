@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backupmx import metrics
 from backupmx.queue.store import DomainState, DomainStats, Stats, utcnow
 from backupmx.receive.address import RelayDomains
-from conftest import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess, free_port
+from conftest import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess, free_port, wait_for_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -62,11 +62,14 @@ def healthz(server: ServerProcess) -> tuple[int, dict[str, Any]]:
 
 
 def metered(server_factory: Any, **settings: Any) -> ServerProcess:
-    address = f"127.0.0.1:{free_port()}"
+    port = free_port()
     server: ServerProcess = server_factory(
-        metrics={"listen": address, "store_timeout": "3s"}, **settings
+        metrics={"listen": f"127.0.0.1:{port}", "store_timeout": "3s"}, **settings
     )
-    return server.start()
+    server.start()
+    # The SMTP port opens first; the endpoint follows a moment later (seen under load).
+    wait_for_port("127.0.0.1", port)
+    return server
 
 
 def wait_until(check: Any, timeout: float = 15.0) -> Any:
