@@ -101,3 +101,44 @@ def test_bad_rcpt_parameters(text: str) -> None:
     with pytest.raises(AddressError) as error:
         parse_rcpt_parameters(text)
     assert error.value.reply.startswith("501 5.5.4")
+
+
+# Command lines are decoded with surrogateescape: b"\xff" arrives as "\udcff".
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("<b\udcffob@example.test>", "invalid UTF-8"),
+        ("<bob@ex\udcc3\udca8ample.test>", "invalid UTF-8"),
+        ('<"b\x00ob"@example.test>', "a NUL character"),
+        ("<bob\x00@example.test>", "a NUL character"),
+        ("<b\tob@example.test>", "a control character (U+0009)"),
+        ("<b\x85ob@example.test>", "a control character (U+0085)"),  # C1: valid UTF-8
+    ],
+)
+def test_an_address_the_queue_cannot_keep_is_refused_naming_why(text: str, problem: str) -> None:
+    for utf8 in (False, True):
+        with pytest.raises(AddressError) as error:
+            recipient(text, utf8=utf8)
+        assert error.value.reply == f"501 5.1.3 Bad address syntax: contains {problem}"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("SIZE=10 ENVID=a\x00b", "a NUL character"),
+        ("SIZE=10\x1fBODY=8BITMIME", "a control character (U+001F)"),
+        ("ENVID=\udcff", "invalid UTF-8"),
+    ],
+)
+def test_parameters_the_queue_cannot_keep_are_refused_naming_why(text: str, problem: str) -> None:
+    for parse in (parse_mail_parameters, parse_rcpt_parameters):
+        with pytest.raises(AddressError) as error:
+            parse(text)
+        assert error.value.reply == f"501 5.5.4 Malformed parameter text: contains {problem}"
+
+
+def test_valid_utf8_stays_acceptable_under_smtputf8() -> None:
+    assert recipient("<jörg.ñ@bücher.example.org>", utf8=True) == "jörg.ñ@bücher.example.org"
+    with pytest.raises(AddressError) as error:  # a known keyword's value is still checked
+        parse_mail_parameters("ENVID=jörg")
+    assert error.value.reply == "501 5.5.4 Malformed ENVID parameter"

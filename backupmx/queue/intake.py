@@ -20,13 +20,21 @@ through ``/proc/<pid>/fd/<n>``, so a 50 MiB body is not copied through the
 socket.  Back, ``(queue id, None)`` or ``(queue id, (storage full?, error))``.
 The socket pair is private to the two processes.
 
-Failure: a failed batch is acknowledged with its error (nothing of it is
-visible), and `commit` raises — `OSError(ENOSPC)` when storage is full — so the
-session answers 4xx.  The process ignores SIGTERM, SIGINT and SIGHUP (systemd
-signals the whole control group): it leaves when the receiver closes the socket
-(or dies), after the batch in hand.  It logs ``message_accepted`` for each
-message it commits.  If it dies, every waiting session gets
-`IntakeError` (``451``) and the next message starts a new one.
+Failure: one message that cannot be written must not fail the others of its
+batch (they come from other clients).  So a failed batch is written again, one
+message per transaction on one connection: each message that still fails is
+logged (``message_write_failed`` with its session and queue id) and acknowledged
+with its error, and its `commit` raises `IntakeError`, so that session alone
+answers ``451``; nothing of a failed message is visible.  Full storage is not
+retried: every message needs space alike, and a transaction each would only hold
+back the ``452``s (`commit` raises `OSError(ENOSPC)`) while the disk stays full;
+nor is the rest of the batch once the connection is lost.
+
+The process ignores SIGTERM, SIGINT and SIGHUP (systemd signals the whole
+control group): it leaves when the receiver closes the socket (or dies), after
+the batch in hand.  It logs ``message_accepted`` for each message it commits.
+If it dies, every waiting session gets `IntakeError` (``451``) and the next
+message starts a new one.
 """
 
 from __future__ import annotations
@@ -51,7 +59,11 @@ from backupmx import logs
 from backupmx.queue.database import open_writer_engine, storage_full
 
 if TYPE_CHECKING:
-    from backupmx.queue.store import NewMessage
+    from datetime import datetime
+
+    from sqlalchemy.engine import Engine
+
+    from backupmx.queue.store import Inserter, NewMessage
 
 log = structlog.get_logger("backupmx.queue")
 
@@ -227,16 +239,10 @@ def run(channel: socket.socket, url: str) -> None:
             size += pending[count].size
             count += 1
         batch, pending = pending[:count], pending[count:]
-        failure: tuple[bool, str] | None = None
-        try:
-            with engine.begin() as conn:
-                inserter.insert(conn, batch, utcnow())
-        except Exception as error:
-            log.error("batch_write_failed", messages=len(batch), error=str(error))
-            failure = (storage_full(error), f"{type(error).__name__}: {error}")
-        channel.sendall(b"".join(frame((message.id, failure)) for message in batch))
-        if failure is None:
-            for message in batch:  # here, off the receiver's event loop
+        failures = _write(engine, inserter, batch, utcnow())
+        channel.sendall(b"".join(frame((m.id, failures.get(m.id))) for m in batch))
+        for message in batch:  # here, off the receiver's event loop
+            if message.id not in failures:
                 log.info(
                     "message_accepted",
                     session=message.session_id,
@@ -246,6 +252,54 @@ def run(channel: socket.socket, url: str) -> None:
                     size=message.size,
                     rcpts=len(message.recipients),
                 )
+
+
+Failure = tuple[bool, str]  # (storage full?, "ErrorType: text"), as acknowledged
+
+
+def _failure(error: Exception) -> Failure:
+    return storage_full(error), f"{type(error).__name__}: {error}"
+
+
+def _failed(message: NewMessage, error: Exception) -> Failure:
+    """Log that `message` alone could not be written: its session answers 451."""
+    log.error(
+        "message_write_failed", session=message.session_id, queue_id=message.id, error=str(error)
+    )
+    return _failure(error)
+
+
+def _write(
+    engine: Engine, inserter: Inserter, batch: list[NewMessage], now: datetime
+) -> dict[str, Failure]:
+    """Commit `batch` in one transaction or, if that fails, each message in its own; the
+    failures by queue id (see the module docstring)."""
+    try:
+        with engine.begin() as conn:
+            inserter.insert(conn, batch, now)
+        return {}
+    except Exception as error:
+        if len(batch) == 1:
+            return {batch[0].id: _failed(batch[0], error)}
+        log.error("batch_write_failed", messages=len(batch), error=str(error))
+        if storage_full(error):
+            return {message.id: _failure(error) for message in batch}
+    failures: dict[str, Failure] = {}
+    decided = 0
+    try:
+        with engine.connect() as conn:
+            for message in batch:
+                try:
+                    with conn.begin():
+                        inserter.insert(conn, [message], now)
+                except Exception as error:
+                    failures[message.id] = _failed(message, error)
+                    if conn.invalidated:  # the database, not the message: stop here
+                        raise
+                decided += 1
+    except Exception as error:  # no connection: the rest fails with the database's error
+        failures |= {message.id: _failure(error) for message in batch[decided:]}
+    return failures
 
 
 def _receive(channel: socket.socket, inbox: bytearray) -> bool:

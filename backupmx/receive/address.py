@@ -7,6 +7,10 @@ mailbox counts.  Sender-specified routing inside the local part (``user%host@``,
 ``host!user@``, a quoted ``"user@host"@``) is refused for recipients, as Postfix's
 ``reject_unauth_destination`` does, so the primary is never asked to relay on.
 
+An address holds only what the queue keeps byte for byte (`storable.flaw`):
+invalid UTF-8, NUL or a control character is refused with ``501 5.1.3`` naming
+it, never queued.
+
 Failures raise `AddressError` carrying the SMTP reply to send.
 """
 
@@ -19,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from backupmx.config import normalize_domain
+from backupmx.receive.storable import UTF8_NON_ASCII, flaw
 
 
 class AddressError(ValueError):
@@ -30,12 +35,10 @@ class AddressError(ValueError):
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_UTF8 = r"[^\x00-\x7f]"
+_UTF8 = UTF8_NON_ASCII
 _QTEXT = r"[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]"
 _SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_U_SUB_DOMAIN = (
-    r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f])*(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
-)
+_U_SUB_DOMAIN = rf"(?:[A-Za-z0-9]|{_UTF8})(?:(?:[A-Za-z0-9-]|{_UTF8})*(?:[A-Za-z0-9]|{_UTF8}))?"
 
 
 def _mailbox_pattern(utf8: bool) -> re.Pattern[str]:
@@ -101,6 +104,9 @@ def parse_path(argument: str, *, allow_null: bool, utf8: bool) -> tuple[Address 
             raise AddressError("501 5.1.3 Bad address syntax: text after '>'")
     else:
         path, _, rest = text.partition(" ")
+    problem = flaw(path)
+    if problem:  # before the grammar, so that the reply names it
+        raise AddressError(f"501 5.1.3 Bad address syntax: contains {problem}")
     if path == "":
         if not allow_null:
             raise AddressError("501 5.1.3 Bad address syntax: empty address")

@@ -4,8 +4,10 @@ aiosmtpd upper-cases every parameter and answers 555 to DSN ones; here keywords
 are matched case-insensitively while values keep the case the client sent
 (ENVID and ORCPT are opaque xtext that must reach the primary unchanged).
 
-Unknown keywords raise `AddressError` with ``555 5.5.4``; malformed or repeated
-values with ``501 5.5.4``.
+Parameters are separated by spaces only (RFC 5321 §4.1.2), and hold only what the
+queue keeps byte for byte (`storable.flaw`).  Unknown keywords raise
+`AddressError` with ``555 5.5.4``; malformed or repeated values, invalid UTF-8,
+NUL and control characters with ``501 5.5.4``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import re
 from dataclasses import dataclass
 
 from backupmx.receive.address import AddressError
+from backupmx.receive.storable import UTF8_NON_ASCII, flaw
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+")
+_VALUE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{UTF8_NON_ASCII})+")  # RFC 6531 §3.3
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
@@ -37,8 +40,13 @@ class RcptParameters:
 
 
 def _split(text: str) -> dict[str, str | None]:
+    problem = flaw(text)
+    if problem:  # named, rather than a "malformed" echo of bytes we could not store
+        raise AddressError(f"501 5.5.4 Malformed parameter text: contains {problem}")
     params: dict[str, str | None] = {}
-    for item in text.split():
+    for item in text.split(" "):
+        if not item:
+            continue
         keyword, eq, value = item.partition("=")
         if not _KEYWORD.fullmatch(keyword) or (eq and not _VALUE.fullmatch(value)):
             raise AddressError(f"501 5.5.4 Malformed parameter {item!r}")

@@ -26,6 +26,10 @@ Promises:
 * ``250`` after DATA only once the queue store has committed the message
   (invariant 1); any failure on the way answers 4xx — ``452 4.3.1`` when storage
   is full, ``451 4.3.0`` otherwise — never 5xx, never 250.
+* A HELO argument, address or parameter the queue cannot keep byte for byte
+  (invalid UTF-8, NUL, control characters: `storable`) is refused with a 5xx
+  naming the flaw, so it never reaches the intake's group commit and another
+  client's message.
 * Every reply carries an enhanced status code (RFC 2034), except the greeting
   and the EHLO/HELO lines.
 * An exception in any command answers ``451 4.3.0`` and the session goes on.
@@ -62,6 +66,7 @@ from backupmx.receive.parameters import (
 from backupmx.receive.received import TraceFacts, protocol_name, received_header
 from backupmx.receive.spamcheck import Facts, Verdict
 from backupmx.receive.spool import Spool
+from backupmx.receive.storable import flaw
 
 if TYPE_CHECKING:
     from backupmx.receive.listener import Listener, ReceivePolicy
@@ -413,15 +418,17 @@ class Session(SMTP):
     # ------------------------------------------------------------------ commands
 
     def cmd_helo(self, arg: str) -> None:
-        if not arg:
-            self.reply("501 5.5.4 Syntax: HELO hostname")
+        refusal = helo_refusal("HELO", arg)
+        if refusal:
+            self.reply(refusal)
             return
         self.helo, self.extended, self.mail = arg, False, Envelope()
         self.reply(f"250 {self.hostname}")
 
     def cmd_ehlo(self, arg: str) -> None:
-        if not arg:
-            self.reply("501 5.5.4 Syntax: EHLO hostname")
+        refusal = helo_refusal("EHLO", arg)
+        if refusal:
+            self.reply(refusal)
             return
         self.helo, self.extended, self.mail = arg, True, Envelope()
         lines = [
@@ -755,6 +762,19 @@ class Session(SMTP):
                 return "452 4.3.1 Error: insufficient system storage"
             return "451 4.3.0 Error: queue file write error, try again later"
         return f"250 2.0.0 Ok: queued as {incoming.queue_id}"  # the intake logs it
+
+
+def helo_refusal(verb: str, arg: str) -> str | None:
+    """The reply refusing a HELO/EHLO argument, or None to accept it.  The argument is
+    stored with every message (and names the client in our Received: field): it must
+    be what the queue keeps byte for byte (`storable.flaw`); a refused one changes
+    nothing in the session."""
+    if not arg:
+        return f"501 5.5.4 Syntax: {verb} hostname"
+    problem = flaw(arg)
+    if problem:
+        return f"501 5.5.4 Error: {verb} argument contains {problem}"
+    return None
 
 
 Command = Callable[[Session, str], Step | None]
