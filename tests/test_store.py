@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData
 
+from backupmx.deliver.reply import classify
 from backupmx.queue.models import metadata
 from backupmx.queue.state import Event
 from backupmx.queue.store import (
@@ -238,3 +239,26 @@ async def test_group_commit_failure_reaches_every_waiting_session() -> None:
     )
     await writer.stop()
     assert all(isinstance(r, OSError) for r in results)
+
+
+async def test_a_primarys_reply_with_nul_and_undecodable_bytes_is_recorded(store: Store) -> None:
+    """aiosmtplib hands a reply over with ``surrogateescape``: the text that reaches the
+    queue is one printable line, so the group commit of results never fails on it."""
+    await store.enqueue(message("a@example.test", "b@example.test"))
+    a, b = await store.claim("node-a", 10, timedelta(minutes=5))
+    refused = classify(550, "5.1.1 no\x00such \udcff\udcfe user\r\n\x1b[31m")
+    deferred_too = classify(451, "4.3.0 busy\x00")
+    changed = await store.record(
+        "node-a",
+        [
+            Result(a.recipient_id, Event.PERMFAIL, refused.diagnostic),
+            Result(b.recipient_id, Event.TEMPFAIL, deferred_too.diagnostic, utcnow()),
+        ],
+    )
+    assert changed == 2
+    view = await store.message(a.message_id)
+    assert [r.last_error for r in view.recipients] == [
+        "550 5.1.1 no such \ufffd\ufffd user [31m",
+        "451 4.3.0 busy",
+    ]
+    assert refused.status == "5.1.1"

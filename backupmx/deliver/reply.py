@@ -8,6 +8,12 @@
 
 `Outcome.status` is the enhanced status code for the DSN: the one in the reply
 when there is one (RFC 3463), otherwise derived from the reply class.
+
+`Outcome.text` is one line the queue keeps as it is: aiosmtplib decodes a
+reply with ``surrogateescape``, and a primary's NUL, control characters or
+undecodable bytes in `last_error` would fail the whole group commit of
+delivery results (PostgreSQL's text holds no NUL, neither driver encodes a
+lone surrogate).  Controls become spaces, undecodable bytes U+FFFD.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_UNDECODABLE = re.compile(r"[\ud800-\udfff]")
 
 
 class Verdict(StrEnum):
@@ -47,7 +55,7 @@ def enhanced_status(code: int, message: str) -> str:
 
 def classify(code: int, message: str, *, hold_5xx: bool = False) -> Outcome:
     """Classify an SMTP reply to MAIL, RCPT or DATA."""
-    text = " ".join(message.split())
+    text = one_line(message)
     status = enhanced_status(code, text)
     if 200 <= code < 300:
         verdict = Verdict.DELIVERED
@@ -60,9 +68,14 @@ def classify(code: int, message: str, *, hold_5xx: bool = False) -> Outcome:
 
 def deferred(reason: str, status: str = "4.4.1") -> Outcome:
     """A failure with no SMTP reply: connection refused, timeout, DNS trouble."""
-    return Outcome(Verdict.DEFERRED, 0, status, reason)
+    return Outcome(Verdict.DEFERRED, 0, status, one_line(reason))
 
 
 def bounced(reason: str, status: str) -> Outcome:
     """A permanent failure decided without a reply: null MX, NXDOMAIN, SMTPUTF8 needed."""
-    return Outcome(Verdict.BOUNCED, 0, status, reason)
+    return Outcome(Verdict.BOUNCED, 0, status, one_line(reason))
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of single spaces without controls or undecodable bytes."""
+    return " ".join(_CONTROL.sub(" ", _UNDECODABLE.sub("\ufffd", text)).split())
