@@ -192,9 +192,7 @@ class Screen:
 
     # ------------------------------------------------------------------ RCPT
 
-    async def recipient(
-        self, address: Address, sender: str, postmaster: bool = False
-    ) -> str | None:
+    async def recipient(self, address: Address, sender: str, postmaster: bool) -> str | None:
         """The refusal for this RCPT, or None to accept it; 421 means: close the session."""
         policy = self._policy()
         settings = policy.recipients.settings
