@@ -380,10 +380,24 @@ class Config:
     # PROXY protocol v1 or v2 header naming the real client.  Nobody else may send one.
     proxy_protocol: tuple[str, ...] = ()
     metrics: Metrics = field(default_factory=Metrics)
+    # Where mail to the bare ``RCPT TO:<Postmaster>`` goes (RFC 5321 §4.1.1.3: no domain,
+    # any case).  An address in a backed-up domain; "": postmaster@ the first exactly-named
+    # [[domain]].  Required when every [[domain]] is a ".parent" entry.
+    postmaster: str = ""
     domain: tuple[Domain, ...] = ()
 
     def listen_addresses(self) -> list[HostPort]:
         return [parse_host_port(text) for text in self.listen]
+
+    def postmaster_address(self) -> str:
+        """The mailbox `<Postmaster>` stands for, its domain in A-labels.  With no
+        [[domain]] at all it is postmaster@`hostname`, which the relay check then refuses
+        like every recipient (nothing is backed up)."""
+        if self.postmaster:
+            local, _, domain = self.postmaster.rpartition("@")
+            return f"{local}@{normalize_domain(domain)}"
+        exact = [d.name for d in self.domain if not d.name.startswith(".")]
+        return f"postmaster@{normalize_domain(exact[0] if exact else self.hostname)}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -563,7 +577,44 @@ def _validate(config: Config) -> None:
         raise ConfigError("limits.max_message_size", "must be at least 1KiB")
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls.key" if config.tls.cert else "tls.cert", "cert and key go together")
+    _validate_postmaster(config)
     _validate_protection(config)
+
+
+# A dot-atom local part without "%" and "!": the relay check refuses sender-specified
+# routing, so a postmaster address with it could never be delivered.
+_POSTMASTER_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
+
+
+def _entry_covers(entry: str, name: str) -> bool:
+    """A [[domain]] name covers `name` (A-labels): itself, or below a ".parent" entry."""
+    if entry.startswith("."):
+        return name.endswith("." + normalize_domain(entry[1:]))
+    return name == normalize_domain(entry)
+
+
+def _validate_postmaster(config: Config) -> None:
+    """The `postmaster` key names a plain mailbox in a domain we back up (mail to
+    `<Postmaster>` must never be relayed elsewhere), or there is a default for it."""
+    if not config.postmaster:
+        if config.domain and all(d.name.startswith(".") for d in config.domain):
+            raise ConfigError(
+                "postmaster",
+                'is required when every [[domain]] is a ".parent" entry'
+                " (RFC 5321 §4.5.1: mail to <Postmaster> must go somewhere)",
+            )
+        return
+    local, at, domain = config.postmaster.rpartition("@")
+    if not at or not _POSTMASTER_LOCAL.fullmatch(local) or len(local) > 64:
+        raise ConfigError(
+            "postmaster", f"{config.postmaster!r} is not a mailbox such as admin@example.com"
+        )
+    try:
+        name = normalize_domain(domain)
+    except ValueError as error:
+        raise ConfigError("postmaster", str(error)) from error
+    if not any(_entry_covers(d.name, name) for d in config.domain):
+        raise ConfigError("postmaster", f"{name} is not a [[domain]] backed up here")
 
 
 MAX_BANNER_DELAY = 30.0

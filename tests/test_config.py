@@ -79,3 +79,53 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as error:
         load(path)
     assert error.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (DOMAIN_TABLE, "postmaster@example.test"),
+        (
+            '[[domain]]\nname = ".sub.test"\n[[domain]]\nname = "Bücher.test"\n'
+            '[[domain]]\nname = "other.test"\n',
+            "postmaster@xn--bcher-kva.test",  # the first exactly-named domain, A-labels
+        ),
+        ('postmaster = "ops@EXAMPLE.test"\n' + DOMAIN_TABLE, "ops@example.test"),
+        ('postmaster = "hostmaster@a.sub.test"\n[[domain]]\nname = ".sub.test"\n',
+         "hostmaster@a.sub.test"),
+        # Nothing backed up: postmaster@ this host, which the relay check refuses like
+        # every recipient.
+        ('hostname = "mx2.example.net"\n', "postmaster@mx2.example.net"),
+    ],
+)  # fmt: skip
+def test_bare_postmaster_goes_to_the_postmaster_key_else_the_first_exact_domain(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert load(path).postmaster_address() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[[domain]]\nname = ".sub.test"\n', 'is required when every [[domain]] is a ".parent"'),
+        ('postmaster = "nobody"\n' + DOMAIN_TABLE, "is not a mailbox"),
+        ('postmaster = "a%b@example.test"\n' + DOMAIN_TABLE, "is not a mailbox"),
+        ('postmaster = "host!a@example.test"\n' + DOMAIN_TABLE, "is not a mailbox"),
+        ("postmaster = '\"a b\"@example.test'\n" + DOMAIN_TABLE, "is not a mailbox"),
+        ('postmaster = "pm@[127.0.0.1]"\n' + DOMAIN_TABLE, "is not a domain name"),
+        ('postmaster = "pm@other.test"\n' + DOMAIN_TABLE, "other.test is not a [[domain]]"),
+        ('postmaster = "pm@sub.test"\n[[domain]]\nname = ".sub.test"\n', "sub.test is not"),
+        ('postmaster = "pm@example.test"\n', "example.test is not a [[domain]] backed up"),
+    ],
+)
+def test_postmaster_key_must_be_a_plain_mailbox_in_a_backed_up_domain(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert error.value.key == "postmaster"
+    assert problem in error.value.problem, error.value.problem

@@ -93,16 +93,26 @@ def test_ehlo_never_offers_auth_and_offers_starttls_only_with_a_certificate(
     assert starttls.startswith("502 5.5."), starttls
 
 
-def test_vrfy_and_expn_reveal_nothing(mx: ServerProcess) -> None:
+def test_vrfy_and_expn_answer_252_and_reveal_nothing(mx: ServerProcess) -> None:
+    """RFC 5321 §7.3: a site that disables VRFY and EXPN MUST answer 252, a code that
+    passes for neither a verified nor an unknown address; the same reply whatever is asked."""
     with session(mx) as client:
-        replies = [
+        vrfy = [
             client.command("VRFY bob@example.test"),
             client.command("VRFY victim"),
-            client.command("EXPN staff"),
+            client.command("VRFY postmaster@example.test"),
+            client.command("VRFY <Postmaster>"),
         ]
-    for reply in replies:
-        assert reply.startswith("502 5.5."), reply
-        assert "bob" not in str(reply) and "victim" not in str(reply) and "staff" not in str(reply)
+        expn = [client.command("EXPN staff"), client.command("EXPN postmaster")]
+        bare = [client.command("VRFY"), client.command("EXPN")]
+        assert client.command("NOOP").startswith("250 2.0.0"), "session goes on"
+    assert {str(r) for r in vrfy} == {
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
+    }, vrfy
+    assert {str(r) for r in expn} == {
+        "252 2.5.0 Cannot EXPN list, but will accept message and attempt delivery"
+    }, expn
+    assert [str(r)[:9] for r in bare] == ["501 5.5.4"] * 2, bare
 
 
 def test_unknown_command_gets_502_5_5_2(mx: ServerProcess) -> None:

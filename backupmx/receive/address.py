@@ -84,15 +84,23 @@ class Address:
         return any(c in self.unquoted_local for c in "%!@")
 
     @property
+    def is_postmaster(self) -> bool:
+        """RFC 5321 §4.5.1: postmaster@ every domain served; the local part in any case."""
+        return self.unquoted_local.lower() == "postmaster"
+
+    @property
     def is_ascii(self) -> bool:
         return str(self).isascii()
 
 
-def parse_path(argument: str, *, allow_null: bool, utf8: bool) -> tuple[Address | None, str]:
+def parse_path(
+    argument: str, *, allow_null: bool, utf8: bool, postmaster: Address | None = None
+) -> tuple[Address | None, str]:
     """Split ``<mailbox> params`` into the address (None for ``<>``) and the parameter text.
 
     Accepts what RFC 5321 allows plus what Postfix tolerates by default (a space
-    after the colon, a missing pair of angle brackets).
+    after the colon, a missing pair of angle brackets).  A bare ``<Postmaster>``, in
+    any case, is `postmaster` when one is given (RCPT only, RFC 5321 §4.1.1.3).
     """
     text = argument.lstrip(" ")
     if text.startswith("<"):
@@ -111,6 +119,8 @@ def parse_path(argument: str, *, allow_null: bool, utf8: bool) -> tuple[Address 
         if not allow_null:
             raise AddressError("501 5.1.3 Bad address syntax: empty address")
         return None, rest.strip(" ")
+    if postmaster is not None and path.lower() == "postmaster":
+        return postmaster, rest.strip(" ")
     if len(path) > _MAX_PATH:
         raise AddressError("501 5.1.3 Bad address syntax: path too long")
     route = _ROUTE.match(path)

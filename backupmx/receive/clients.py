@@ -15,6 +15,9 @@ view of it.  The session calls three hooks, in this order of the conversation:
   (``550 5.1.1`` unknown, ``450 4.2.1`` unverified), directory-harvest protection
   (past ``max_unknown_recipients`` the next RCPT waits ``harvest_delay`` and gets
   ``421 4.7.0``, and the session is closed), and greylisting (``450 4.7.1``).
+  A postmaster recipient (RFC 5321 §4.5.1 wants it reachable at every domain) meets
+  only the recipient rate: it is never unknown, unverified, blocklisted, greylisted
+  or counted as a harvest guess.
 
 No check here answers 5xx because of a failure of its own: the DNSBL and
 greylisting fail open, recipient verification fails to 450.
@@ -189,11 +192,11 @@ class Screen:
 
     # ------------------------------------------------------------------ RCPT
 
-    async def recipient(self, address: Address, sender: str) -> str | None:
+    async def recipient(self, address: Address, sender: str, postmaster: bool) -> str | None:
         """The refusal for this RCPT, or None to accept it; 421 means: close the session."""
         policy = self._policy()
         settings = policy.recipients.settings
-        if self.unknown_recipients >= settings.max_unknown_recipients:
+        if self.unknown_recipients >= settings.max_unknown_recipients and not postmaster:
             log.info("harvest_suspected", unknown=self.unknown_recipients)
             await asyncio.sleep(settings.harvest_delay)
             return "421 4.7.0 Error: too many unknown recipients, closing connection"
@@ -201,6 +204,8 @@ class Screen:
         if not self.checks.rates.take("recipient", self.client_ip, limit):
             log.info("rate_limited", kind="recipients", limit=limit)
             return f"450 4.7.1 Error: too many recipients from [{self.client_ip}], try again later"
+        if postmaster:
+            return None
         if self._dnsbl is not None:
             listing = await self._dnsbl.listing()
             refusal = listing.refusal(self.client_ip, policy.dnsbl.threshold)

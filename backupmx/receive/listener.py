@@ -25,7 +25,7 @@ import structlog
 
 from backupmx.config import Config, Dnsbl, Greylist, Limits, SpamCheck
 from backupmx.queue.store import Store
-from backupmx.receive.address import RelayDomains
+from backupmx.receive.address import Address, RelayDomains
 from backupmx.receive.clients import ClientChecks, Networks
 from backupmx.receive.recipients import RecipientPolicy
 from backupmx.receive.session import Session
@@ -47,6 +47,16 @@ class ReceivePolicy:
     greylist: Greylist = field(default_factory=Greylist)
     greylist_pass: Networks = ()
     proxy_from: Networks = ()  # load balancers that send a PROXY header
+    postmaster: Address | None = None  # what RCPT TO:<Postmaster> stands for
+
+    def is_postmaster(self, address: Address) -> bool:
+        """postmaster@ any domain (RFC 5321 §4.5.1), or the configured postmaster mailbox."""
+        configured = self.postmaster
+        return address.is_postmaster or (
+            configured is not None
+            and address.local == configured.local
+            and address.routing_domain == configured.routing_domain
+        )
 
     def may_etrn(self, client_ip: str) -> bool:
         try:
@@ -79,6 +89,7 @@ def policy_from(config: Config) -> ReceivePolicy:
         greylist=config.greylist,
         greylist_pass=tuple(ip_network(n, strict=False) for n in config.greylist.pass_clients),
         proxy_from=tuple(ip_network(n, strict=False) for n in config.proxy_protocol),
+        postmaster=Address(*config.postmaster_address().rsplit("@", 1)),
     )
 
 

@@ -23,6 +23,15 @@ Promises:
 
 * RCPT is accepted only for a backed-up domain (`RelayDomains`); nothing else
   relays (design.md invariant 5).
+* Postmaster is always reachable (RFC 5321 §4.5.1): ``postmaster@`` every
+  backed-up domain, and the bare ``<Postmaster>`` (stored as the configured
+  ``postmaster`` address), pass every recipient check but the rate, and the spam
+  hook tags their mail but never refuses it.  So that a postmaster recipient
+  cannot carry others past the spam hook, postmaster recipients get a transaction
+  of their own: a RCPT of the other kind answers ``452 4.5.3``, which clients
+  retry in a new transaction (RFC 5321 §4.5.3.1.10).
+* VRFY and EXPN answer ``252`` whatever the argument (RFC 5321 §7.3): they are
+  disabled, and a reply must not look like a verification, either way.
 * ``250`` after DATA only once the queue store has committed the message
   (invariant 1); any failure on the way answers 4xx — ``452 4.3.1`` when storage
   is full, ``451 4.3.0`` otherwise — never 5xx, never 250.
@@ -79,6 +88,11 @@ MAX_COMMAND_LINE = 2048  # Postfix's line_length_limit; RFC 5321 §4.5.3.1.4 ask
 READER_LIMIT = 64 * 1024
 INBOX_LIMIT = 64 * 1024  # pipelined input held while a step runs, before reading pauses
 WRITE_BUFFER_LIMIT = 64 * 1024  # replies are small: wait for the client only past this
+# 452 4.5.3 ("too many recipients") is retried in a new transaction (RFC 5321 §4.5.3.1.10)
+# and does not count against max_errors.
+SEPARATE_POSTMASTER = (
+    "452 4.5.3 Error: too many recipients (postmaster gets a transaction of its own)"
+)
 
 
 @dataclass
@@ -88,6 +102,7 @@ class Envelope:
     mail: MailParameters = field(default_factory=MailParameters)
     recipients: list[tuple[Address, RcptParameters]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    postmaster: bool = False  # the recipients are postmaster's (then only postmaster's)
 
 
 class Incoming:
@@ -490,7 +505,12 @@ class Session(SMTP):
             self.reply("452 4.5.3 Error: too many recipients")
             return None
         try:
-            address, rest = parse_path(arg[3:], allow_null=False, utf8=self.mail.mail.smtputf8)
+            address, rest = parse_path(
+                arg[3:],
+                allow_null=False,
+                utf8=self.mail.mail.smtputf8,
+                postmaster=self.policy.postmaster,
+            )
             assert address is not None
             if rest and not self.extended:
                 raise AddressError("501 5.5.4 Syntax: RCPT TO:<address> (no parameters after HELO)")
@@ -501,10 +521,19 @@ class Session(SMTP):
             metrics.recipient_rejected(error.reply)
             self.reply(error.reply)
             return None
-        return self._screen_recipient(address, params)
+        postmaster = self.policy.is_postmaster(address)
+        if self.mail.recipients and postmaster != self.mail.postmaster:
+            reply = SEPARATE_POSTMASTER
+            log.info("recipient_rejected", recipient=str(address), reply=reply)
+            metrics.recipient_rejected(reply)
+            self.reply(reply)
+            return None
+        return self._screen_recipient(address, params, postmaster)
 
-    async def _screen_recipient(self, address: Address, params: RcptParameters) -> None:
-        refusal = await self.screen.recipient(address, str(self.mail.sender or ""))
+    async def _screen_recipient(
+        self, address: Address, params: RcptParameters, postmaster: bool
+    ) -> None:
+        refusal = await self.screen.recipient(address, str(self.mail.sender or ""), postmaster)
         if refusal is not None:
             metrics.recipient_rejected(refusal)
             if refusal.startswith("421"):
@@ -517,6 +546,7 @@ class Session(SMTP):
         if key not in self.mail.seen:
             self.mail.seen.add(key)
             self.mail.recipients.append((address, params))
+            self.mail.postmaster = postmaster
         self.reply("250 2.1.5 Ok")
 
     def cmd_rset(self, arg: str) -> None:
@@ -530,11 +560,19 @@ class Session(SMTP):
         self.close_with("221 2.0.0 Bye")
 
     def cmd_vrfy(self, arg: str) -> None:
-        # Postfix's disable_vrfy_command: a backup MX must not help address harvesting.
-        self.reply("502 5.5.1 VRFY command is disabled")
+        # Disabled, as Postfix's disable_vrfy_command: a backup MX must not help address
+        # harvesting.  RFC 5321 §7.3: a site that disables VRFY and EXPN MUST answer 252,
+        # never a code that could pass for a verification, positive or negative.
+        if not arg:
+            self.reply("501 5.5.4 Syntax: VRFY address")
+            return
+        self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def cmd_expn(self, arg: str) -> None:
-        self.reply("502 5.5.1 EXPN command is disabled")
+        if not arg:
+            self.reply("501 5.5.4 Syntax: EXPN mailing-list")
+            return
+        self.reply("252 2.5.0 Cannot EXPN list, but will accept message and attempt delivery")
 
     def cmd_etrn(self, arg: str) -> Step | None:
         """RFC 1985: an allowed client (the primary, back up) asks for its mail now."""
@@ -725,7 +763,11 @@ class Session(SMTP):
             queue_id,
             self.hostname,
         )
-        return await self.listener.spam.check(spool, facts, settings)
+        # A postmaster transaction holds postmaster recipients only: its verdict is
+        # stored and tagged, never a refusal (RFC 5321 §4.5.1).
+        return await self.listener.spam.check(
+            spool, facts, settings, may_refuse=not mail.postmaster
+        )
 
     async def _enqueue(
         self, incoming: Incoming, body: BodySource, spam: Verdict | None = None

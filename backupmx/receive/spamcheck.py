@@ -21,6 +21,10 @@ queues it as is.
 Failure: a checker that is down, slower than ``timeout`` or answers nonsense
 gives ``on_error`` — ``defer`` (the default: ``451 4.7.1``, never lose mail and
 never let spam in unchecked) or ``accept`` (queued with the verdict ``error``).
+
+A check that may not refuse (mail to postmaster, RFC 5321 §4.5.1) turns ``reject``
+and ``defer`` into ``tag`` (the detail says what was waived) and a failure into
+``error``: the message is queued either way.
 Every error is logged and counted in `SpamChecker.counts`.
 """
 
@@ -162,7 +166,7 @@ class SpamChecker:
         metrics.spam_verdict(action)
 
     async def check(
-        self, body: BodySource, facts: Facts, settings: SpamCheck
+        self, body: BodySource, facts: Facts, settings: SpamCheck, *, may_refuse: bool = True
     ) -> tuple[Verdict, BodySource]:
         """The verdict on `body` and the body to queue (tagged or as it was)."""
         if settings.backend == "none":
@@ -182,16 +186,19 @@ class SpamChecker:
             self._count("error")
             log.error("spam_check_failed", backend=settings.backend, error=reason)
             detail = f"{settings.backend}: {reason}"
-            if settings.on_error == "defer":
+            if settings.on_error == "defer" and may_refuse:
                 reply = "451 4.7.1 Error: spam check unavailable, try again later"
                 return Verdict("defer", detail=detail, reply=reply), body
             return Verdict("error", detail=detail), body
         ms = (time.monotonic() - started) * 1000
         action = decide(scan, settings)
-        self._count(action)
         detail = f"{settings.backend}: {scan.verdict}" + (
             f" {','.join(scan.rules)}" if scan.rules else ""
         )
+        if not may_refuse and SEVERITY[action] > SEVERITY["tag"]:
+            detail += f" ({action} waived: postmaster)"
+            action = "tag"
+        self._count(action)
         log.info(
             "spam_checked",
             backend=settings.backend,
