@@ -134,7 +134,12 @@ class App:
 
     def timeouts(self) -> Timeouts:
         delivery = self.config.delivery
-        return Timeouts(delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout)
+        return Timeouts(
+            delivery.connect_timeout,
+            delivery.greeting_timeout,
+            delivery.command_timeout,
+            delivery.data_timeout,
+        )
 
     def deliverer(self, primaries: Primaries) -> Deliverer:
         delivery = self.config.delivery

@@ -205,6 +205,10 @@ class Delivery:
     max_messages_per_second_per_host: int = 50  # 0: no rate cap
     messages_per_connection: int = 100  # Postfix's smtp_connection_reuse_count_limit
     connect_timeout: Annotated[float, Duration] = 30.0  # Postfix's smtp_connect_timeout
+    # The wait for the 220 greeting once TCP is up: RFC 5321 §4.5.3.2.1 asks for
+    # 5 minutes (Postfix's smtp_helo_timeout is 300 s), and a primary just back
+    # under load is the one that greets slowly.
+    greeting_timeout: Annotated[float, Duration] = 300.0
     command_timeout: Annotated[float, Duration] = 300.0  # Postfix's smtp_*_timeout
     data_timeout: Annotated[float, Duration] = 600.0  # Postfix's smtp_data_done_timeout
     lease: Annotated[float, Duration] = 600.0  # how long a claimed recipient is ours

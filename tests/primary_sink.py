@@ -19,6 +19,7 @@ Every wait is bounded: start-up by `START_SECONDS`, stop by `STOP_SECONDS`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -220,3 +221,88 @@ class PickyPrimary:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+# --------------------------------------------------------------------------- slow greeting
+
+
+class SlowGreeting:
+    """A loopback TCP forwarder in front of a primary that holds back everything the
+    primary says for the first `delay` seconds of each connection: a primary that
+    greets late (RFC 5321 §4.5.3.2.1 gives it 5 minutes).
+
+    What the client sends goes through at once.  Each connection lives at most
+    `delay` + `LIFETIME_SECONDS`; `greeted` lists, per connection, the seconds from
+    accept to the first byte handed to the client.
+    """
+
+    LIFETIME_SECONDS = 60.0
+    POLL_SECONDS = 0.2
+
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream = upstream
+        self.delay = delay
+        self.greeted: list[float] = []
+        self._stopped = threading.Event()
+        self._listener = socket.create_server((host, port))
+        self._listener.settimeout(self.POLL_SECONDS)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> SlowGreeting:
+        self._spawn(self._accept)
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for thread in list(self._threads):
+            thread.join(STOP_SECONDS)
+        self._listener.close()
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self._spawn(self._connection, client)
+
+    def _connection(self, client: socket.socket) -> None:
+        accepted = time.monotonic()
+        deadline = accepted + self.delay + self.LIFETIME_SECONDS
+        with client, socket.create_connection(self.upstream, timeout=START_SECONDS) as server:
+            client.settimeout(self.POLL_SECONDS)
+            server.settimeout(self.POLL_SECONDS)
+            self._spawn(self._pump, client, server, deadline)
+            if self._stopped.wait(self.delay):
+                return
+            first = self._pump(server, client, deadline)
+            if first is not None:
+                self.greeted.append(first - accepted)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, deadline: float) -> float | None:
+        """Copy until either side closes, the deadline, or stop; returns when the first
+        byte went through."""
+        first = None
+        while not self._stopped.is_set() and time.monotonic() < deadline:
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            first = first or time.monotonic()
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        return first

@@ -15,7 +15,7 @@ from backupmx.queue.store import Outbound
 def connection(features: dict[str, str]) -> PrimaryConnection:
     smtp: Any = None  # never used: the refusal is decided before any command
     return PrimaryConnection(
-        Target("mx1.example.test", "127.0.0.2", 25), smtp, Timeouts(1, 1, 1), features=features
+        Target("mx1.example.test", "127.0.0.2", 25), smtp, Timeouts(1, 1, 1, 1), features=features
     )
 
 

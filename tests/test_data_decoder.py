@@ -1,12 +1,14 @@
-"""DataDecoder: end of data only at <CRLF>.<CRLF>, dot-unstuffing, bare CR/LF policy."""
+"""DataDecoder: end of data only at <CRLF>.<CRLF>, dot-unstuffing, bare CR/LF policy;
+ReceivedCounter: Received: fields over the whole header section, however it is cut."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
-from backupmx.receive.data import DataDecoder, count_received_headers
+from backupmx.receive.data import DataDecoder, ReceivedCounter
 
 
 def decode(
@@ -92,6 +94,61 @@ def test_any_chunking_gives_the_same_result() -> None:
                     assert decoder.bare_newline == whole.bare_newline, stream
 
 
+def count_received(stream: bytes, cuts: list[int] | None = None) -> ReceivedCounter:
+    """Feed `stream` cut at the offsets `cuts` (sorted)."""
+    counter = ReceivedCounter()
+    edges = [0, *(cuts or []), len(stream)]
+    for start, end in itertools.pairwise(edges):
+        counter.feed(stream[start:end])
+    return counter
+
+
 def test_received_headers_counted_in_header_section_only() -> None:
     head = b"Received: a\r\nreceived : b\r\nSubject: x\r\n\r\nReceived: in body\r\n"
-    assert count_received_headers(head) == 2
+    counter = count_received(head)
+    assert counter.count == 2 and counter.done
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (b"\r\nReceived: in the body\r\n", 0),  # an empty header section
+        (b"X-Received: no\r\nSubject: Received: no\r\n\r\n", 0),
+        (b"RECEIVED:\t\t:\r\nReceived \t  \t: y\r\nReceivedX: no\r\n\r\n", 2),
+        (b"Subject: x\r\n Received: folded, not a field\r\n\r\n", 0),
+        (b"Received: a\r\nReceived: b", 2),  # no body, no empty line
+    ],
+)
+def test_received_fields_are_field_names_at_a_line_start(stream: bytes, expected: int) -> None:
+    assert count_received(stream).count == expected
+
+
+def test_every_cut_of_the_stream_gives_the_same_count() -> None:
+    stream = (
+        b"Received: from a\r\n\tby b\r\nreceived \t : c\r\nX-Received: no\r\n"
+        b"Subject: x\r\nRECEIVED:d\r\n\r\nReceived: in the body\r\n\r\n"
+    )
+    assert count_received(stream).count == 3
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            assert count_received(stream, [first, second]).count == 3, (first, second)
+    assert count_received(stream, list(range(len(stream)))).count == 3  # a byte at a time
+
+
+def test_received_fields_past_300_kib_of_other_headers_are_counted() -> None:
+    filler = b"X-Filler: " + b"f" * 1000 + b"\r\n"
+    stream = filler * 300 + b"Received: hop\r\n" * 101 + b"\r\nbody\r\n"
+    rng = random.Random(6)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(len(stream)), rng.randint(1, 40)))
+        assert count_received(stream, cuts).count == 101
+
+
+def test_the_carry_between_chunks_stays_small() -> None:
+    counter = ReceivedCounter()
+    counter.feed(b"Received:" + b" " * 100_000)  # a match already counted; blanks after
+    counter.feed(b"\r\nReceived" + b"\t" * 100_000)
+    counter.feed(b"x" * 100_000)
+    assert counter.count == 1 and len(counter._carry) <= 16
+    counter.feed(b":\r\n\r\n")
+    assert counter.count == 1 and counter.done

@@ -33,7 +33,7 @@ import pytest
 
 from conftest import ServerProcess, free_port
 from dns_server import Dnsmasq, dns_zone
-from primary_sink import Dumped, PickyPrimary, SmtpSink
+from primary_sink import Dumped, PickyPrimary, SlowGreeting, SmtpSink
 from smtp_client import RawClient, queue_id, split_received, stored_in_parallel
 
 pytestmark = pytest.mark.integration
@@ -513,6 +513,26 @@ def test_expired_mail_gets_a_dsn_and_a_null_sender_message_gets_none(
     time.sleep(PROBE_INTERVAL)
     assert [row[1] for row in dsn_messages(server)] == [SENDER]
     assert senders_mx.count() == 1
+
+
+def test_a_primary_that_greets_after_40_seconds_still_gets_the_mail(
+    server_factory: Any, dns: Dnsmasq, port: int, sinks: Callable[..., SmtpSink]
+) -> None:
+    # Past delivery.connect_timeout (30 s), within the 5 min of RFC 5321 §4.5.3.2.1.
+    delay = 40.0
+    sink = sinks(PRIMARY, free_port(PRIMARY))
+    slow = SlowGreeting(PRIMARY, port, (sink.host, sink.port), delay).start()
+    try:
+        server = backup(server_factory, dns, port, ["example.test"]).start()
+        with smtp(server) as client:
+            queue = transmit(client, SENDER, ["late@example.test"], content_for("late", ["late"]))
+        wait_for(lambda: pending(server) == 0, 3 * delay, "delivery through the late greeting")
+    finally:
+        slow.stop()
+    assert recipient(server, "late@example.test")["state"] == "delivered"
+    (dumped,) = sink.messages()
+    assert our_id(dumped) == queue
+    assert slow.greeted and min(slow.greeted) >= delay, slow.greeted
 
 
 def test_equal_preference_mx_hosts_both_get_mail(

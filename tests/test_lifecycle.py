@@ -13,6 +13,7 @@ says to run ``db upgrade``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -25,7 +26,9 @@ from typing import Any
 
 import pytest
 
-from conftest import DOMAIN, ServerProcess
+from backupmx.queue.database import upgrade
+from backupmx.queue.store import BytesBody, NewMessage, NewRecipient, Store, new_queue_id
+from conftest import DOMAIN, ServerProcess, wait_for_port
 from smtp_client import RawSession
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
@@ -297,6 +300,32 @@ def test_serve_refuses_to_start_with_a_broken_config(server_factory: Any) -> Non
     assert "limits.max_message_size" in result.stderr
 
 
+@pytest.mark.parametrize("where", ["after-serve", "before-serve"])
+def test_serve_database_flag_before_or_after_the_verb_overrides_the_file(
+    server_factory: Any, where: str
+) -> None:
+    server = server_factory()
+    server.write_config()
+    url = f"sqlite:///{server.directory / 'flag.db'}"
+    serve = ["serve", "--database", url] if where == "after-serve" else ["--database", url, "serve"]
+    with server.log_path.open("ab") as log:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "backupmx", "--config", str(server.config_path), *serve],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=server.directory,
+        )
+    try:
+        wait_for_port(server.host, server.port)
+    except TimeoutError:
+        raise AssertionError(f"serve {serve} did not start:\n{server.log()}") from None
+    queue_id = send(server, [f"flag@{DOMAIN}"])
+    assert server.stop() == 0
+    listed = json.loads(server.cli("--database", url, "queue", "list", "--json").stdout)
+    assert [m["id"] for m in listed] == [queue_id]
+    assert not (server.directory / "queue.db").exists(), "the file's database was used"
+
+
 # --------------------------------------------------------------------------- queue verbs
 
 
@@ -349,6 +378,55 @@ def test_queue_hold_release_delete(server: ServerProcess) -> None:
     server.cli("queue", "delete", first)
     assert states() == {second: ["queued"]}
     assert server.cli("queue", "show", first, check=False).returncode == 1
+
+
+HOSTILE_HELO = "evil\x1b]0;owned\x07\r\nid         FORGED\x9b2J\x7f"
+HOSTILE_SENDER = "a\x1b[2Jb@sender.test"
+TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but TAB and LF
+
+
+async def enqueue_hostile(url: str) -> str:
+    """A message whose client-supplied fields carry terminal controls, stored directly."""
+    store = Store.open(url)
+    try:
+        await upgrade(store.engine)
+        await store.start()
+        body = b"Subject: \x1b[31mred\x1b[0m\rforged\r\nReceived: x\r\n\tby y\r\n\r\nbody\r\n"
+        message = NewMessage(
+            id=new_queue_id(),
+            sender=HOSTILE_SENDER,
+            recipients=[NewRecipient(f"b@{DOMAIN}", DOMAIN)],
+            body=BytesBody(body),
+            client_ip="192.0.2.1",
+            client_helo=HOSTILE_HELO,
+            protocol="ESMTP",
+            session_id="test",
+        )
+        await store.enqueue(message)
+        return message.id
+    finally:
+        await store.close()
+
+
+def test_queue_show_and_list_escape_terminal_controls_and_json_keeps_them(
+    server_factory: Any,
+) -> None:
+    server = server_factory()
+    server.write_config()
+    queue_id = asyncio.run(enqueue_hostile(str(server.settings["database"])))
+
+    shown = server.cli("queue", "show", queue_id).stdout
+    listed = server.cli("queue", "list").stdout
+    for output in (shown, listed):
+        assert not TERMINAL_CONTROLS.search(output), repr(output)
+        assert "a\\x1b[2Jb@sender.test" in output
+    assert "evil\\x1b]0;owned\\x07\\x0d\\x0aid         FORGED\\x9b2J\\x7f" in shown
+    assert "Subject: \\x1b[31mred\\x1b[0m\\x0dforged\n" in shown
+    assert "\n\tby y\n" in shown  # a folded header keeps its TAB
+    assert not [line for line in shown.splitlines() if line.startswith("id         FORGED")]
+
+    faithful = json.loads(server.cli("queue", "show", queue_id, "--json").stdout)
+    assert (faithful["sender"], faithful["client_helo"]) == (HOSTILE_SENDER, HOSTILE_HELO)
 
 
 def test_queue_list_by_domain_and_stats(server_factory: Any) -> None:

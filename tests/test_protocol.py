@@ -345,6 +345,24 @@ def test_101_received_headers_get_554_5_4_6_and_100_are_accepted(mx: ServerProce
     assert [m["id"] for m in stored_from(mx, sender)] == [queue_id(hundred)]
 
 
+def test_101_received_headers_after_300_kib_of_other_headers_get_554_5_4_6(
+    mx: ServerProcess,
+) -> None:
+    sender = "deep-loop@sender.test"
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(300))
+    body = b"Subject: loop?\r\n\r\nbody\r\n.\r\n"
+    with session(mx) as client:
+        looping = client.transaction(
+            sender, ["bob@example.test"], filler + received_hops(101) + body
+        )
+        hundred = client.transaction(
+            sender, ["bob@example.test"], filler + received_hops(100) + body
+        )
+    assert looping.startswith("554 5.4.6"), looping
+    assert hundred.startswith("250 2.0.0"), hundred
+    assert [m["id"] for m in stored_from(mx, sender)] == [queue_id(hundred)]
+
+
 # ------------------------------------------------------------------ the stored message
 
 

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain", action="append", metavar="NAME", help="a domain to back up; repeatable"
     )
     serve.add_argument("--hostname", help="our name in the banner, EHLO and Received:")
+    # Also after the verb, with the other quick-start flags.  SUPPRESS: a sub-parser's
+    # default would overwrite a --database given before the verb.
+    serve.add_argument(
+        "--database", default=argparse.SUPPRESS, help="queue database URL, overriding the file"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     queue_commands.add_parsers(verbs.add_parser("queue", help="show and manage the held queue"))

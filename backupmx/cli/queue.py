@@ -10,6 +10,10 @@ state, sender, recipient, age).  An action given filters first only counts what
 it would touch; ``--yes`` carries it out, in batches, with a progress bar on a
 terminal.  Actions apply to whole messages, as ``postsuper`` does.
 
+Human output shows what clients and remote hosts sent (HELO, addresses,
+headers, replies) through `printable`: a control character reaching the
+operator's terminal could move the cursor, retitle the window or forge a line.
+
 A database that cannot be reached says "database unreachable" and exits 1; a
 schema older than this version says to run ``backupmx db upgrade``.
 """
@@ -20,6 +24,7 @@ import argparse
 import base64
 import fnmatch
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -346,7 +351,19 @@ def _age(then: datetime, now: datetime | None = None) -> str:
     return f"{seconds}s"
 
 
+# C0 but TAB, DEL and C1 (ECMA-48, C1 as U+0080-U+009F once decoded): a terminal
+# acts on them, and ESC or CSI starts a sequence.  With them escaped the rest of a
+# sequence is inert text.  TAB only moves the cursor on (and folds headers).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Client- or remote-supplied text for a terminal: control characters as ``\\xNN``."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -406,11 +423,11 @@ def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) 
     ]
     return "\n".join(
         [
-            *(f"{k:<10} {v}" for k, v in facts),
+            *(f"{k:<10} {printable(v)}" for k, v in facts),
             "",
             table(["RECIPIENT", "STATE", "TRIES", "NEXT ATTEMPT", "LAST ERROR"], rows),
             "",
-            headers.replace("\r\n", "\n"),
+            "\n".join(printable(line) for line in headers.split("\r\n")),
         ]
     )
 

@@ -15,6 +15,10 @@ Promises:
   the clear, as Postfix does) or required with a valid certificate
   (``"verify"``: otherwise the recipients are deferred).
 
+Every wait is bounded by its own figure (`Timeouts`): the TCP connect by
+``connect_timeout``, the 220 greeting by ``greeting_timeout`` (RFC 5321
+§4.5.3.2.1: 5 minutes, for a primary that greets slowly under load).
+
 Network failures never raise out of `send`: they become deferrals, and the
 report says whether the connection can be reused and whether the failure was a
 sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
@@ -22,6 +26,8 @@ sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,9 +49,12 @@ class TlsFailed(ConnectFailed):
 
 @dataclass(frozen=True)
 class Timeouts:
-    connect: float
-    command: float
-    data: float
+    """Seconds to wait at each step (RFC 5321 §4.5.3.2 gives the minimums)."""
+
+    connect: float  # TCP connection set-up only
+    greeting: float  # the 220 greeting: 5 min (§4.5.3.2.1)
+    command: float  # EHLO, STARTTLS, MAIL, RCPT, RSET: 5 min (§4.5.3.2.2-3)
+    data: float  # DATA's 354 (2 min, §4.5.3.2.4) and the transfer up to the final reply
 
 
 @dataclass(frozen=True)
@@ -256,16 +265,20 @@ async def connect(
 async def _open(
     target: Target, helo: str, tls_mode: str, ca_file: str, timeouts: Timeouts, use_tls: bool
 ) -> PrimaryConnection:
+    sock = await _tcp_connect(target, timeouts.connect)
     smtp = aiosmtplib.SMTP(
         hostname=target.address,
-        port=target.port,
+        sock=sock,
         local_hostname=helo,
         timeout=timeouts.command,
         start_tls=False,
         use_tls=False,
     )
     try:
-        greeting = await smtp.connect(timeout=timeouts.connect)
+        # aiosmtplib's connect(timeout=) bounds the TCP connect and the greeting
+        # with one figure; the socket is already connected, so here it is the
+        # greeting's alone.
+        greeting = await smtp.connect(timeout=timeouts.greeting)
         if greeting.code != 220:
             raise ConnectFailed(f"{target} greeted with {greeting.code} {greeting.message}")
         if greeting.message.split(" ", 1)[0].lower() == helo.lower():
@@ -293,10 +306,37 @@ async def _open(
             raise ConnectFailed(f"{target} does not offer STARTTLS (tls = verify)")
     except ConnectFailed:
         smtp.close()
+        sock.close()
         raise
     except (aiosmtplib.SMTPException, OSError) as error:
         smtp.close()
-        cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error)
-        raise ConnectFailed(f"connect to {target}: {reason}") from error
+        sock.close()
+        raise _connect_failed(target, error) from error
     return PrimaryConnection(target, smtp, timeouts, tls=tls, features=dict(smtp.esmtp_extensions))
+
+
+async def _tcp_connect(target: Target, seconds: float) -> socket.socket:
+    """A connected, non-blocking socket to the target within `seconds` (Postfix's
+    smtp_connect_timeout); raise ConnectFailed.  The greeting is not read here."""
+    family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    connecting = asyncio.get_running_loop().sock_connect(sock, (target.address, target.port))
+    try:
+        await asyncio.wait_for(connecting, seconds)
+    except TimeoutError as error:
+        sock.close()
+        raise ConnectFailed(f"connect to {target}: timed out after {seconds:g} s") from error
+    except OSError as error:
+        sock.close()
+        raise _connect_failed(target, error) from error
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_failed(target: Target, error: Exception) -> ConnectFailed:
+    cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error)
+    return ConnectFailed(f"connect to {target}: {reason}")

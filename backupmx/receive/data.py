@@ -123,11 +123,45 @@ def has_bare_newline(block: bytes) -> bool:
     return block.count(b"\n") != crlfs or block.count(b"\r") != crlfs
 
 
-def count_received_headers(head: bytes | bytearray) -> int:
-    """Received: fields in the header section found in the first bytes of a message."""
-    end = head.find(b"\r\n\r\n")
-    header = head if end < 0 else head[: end + 2]
-    return len(_RECEIVED.findall(header))
+class ReceivedCounter:
+    """Counts ``Received:`` fields (RFC 5321 §6.3 loop detection) over the whole header
+    section, fed the stored message in chunks cut anywhere; memory stays a few bytes.
+
+    Every line start is a LF (the stream is read as if preceded by CRLF), so a field is
+    ``LF received [ \t]* :`` and the section ends at the first CRLF CRLF.  Between
+    chunks only what a match or that end could still need is carried: the line start
+    and the part of "received" already seen (a run of blanks kept as one), else the
+    last three bytes.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = False  # the empty line that ends the header section was seen
+        self._carry = b"\r\n"
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done or not chunk:
+            return
+        data = self._carry + chunk
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            self.done = True
+            data = data[: end + 2]
+        self.count += len(_RECEIVED.findall(data))
+        self._carry = b"" if self.done else _carry(data)
 
 
-_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+def _carry(data: bytes) -> bytes:
+    line = data.rfind(b"\n")
+    if line < 0:
+        return data[-3:]
+    partial = data[line + 1 :]
+    if _RECEIVED_BLANKS.fullmatch(partial):
+        partial = b"received "
+    elif len(partial) > len(b"received") or not b"received".startswith(partial.lower()):
+        return data[-3:]
+    return data[max(line - 1, 0) : line + 1] + partial
+
+
+_RECEIVED = re.compile(rb"(?i)\nreceived[ \t]*:")
+_RECEIVED_BLANKS = re.compile(rb"(?i)received[ \t]+")

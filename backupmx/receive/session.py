@@ -65,7 +65,7 @@ from backupmx.queue.database import storage_full
 from backupmx.queue.store import BodySource, NewMessage, NewRecipient, new_queue_id, utcnow
 from backupmx.receive.address import Address, AddressError, parse_path
 from backupmx.receive.clients import Screen
-from backupmx.receive.data import DataDecoder, count_received_headers
+from backupmx.receive.data import DataDecoder
 from backupmx.receive.parameters import (
     MailParameters,
     RcptParameters,
@@ -743,7 +743,7 @@ class Session(SMTP):
             if storage_full(incoming.spool_error[0]):
                 return "452 4.3.1 Error: insufficient system storage"
             return "451 4.3.0 Error: local error in processing"
-        hops = count_received_headers(incoming.spool.head) - 1  # ours is the first
+        hops = incoming.spool.received.count - 1  # ours is the first
         if hops > limits.max_received_headers:
             log.info("message_rejected", reason="mail loop", received_headers=hops)
             return "554 5.4.6 Error: too many hops (mail loop?)"

@@ -6,7 +6,8 @@ resident memory (Postfix's cleanup streams to its queue file the same way).
 The intake process reads a spooled file through its /proc link only while
 writing its batch.
 
-Keeps the header section, up to `HEAD_SIZE` bytes (for the Received: loop count).  The SHA-256
+Counts the Received: fields of the whole header section as it streams past
+(`received`, for the loop check), keeping none of it.  The SHA-256
 is computed by the store in its writer thread, off the event loop (100 KiB
 costs 0.3 ms).  Disk errors surface as OSError from `write`.
 """
@@ -18,8 +19,7 @@ import tempfile
 from typing import IO
 
 from backupmx.queue.store import BytesBody, OpenedFile
-
-HEAD_SIZE = 256 * 1024  # enough header section for 100+ Received: fields
+from backupmx.receive.data import ReceivedCounter
 
 
 class Spool:
@@ -29,15 +29,13 @@ class Spool:
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self.size = 0
-        self.head = bytearray()  # the header section, up to HEAD_SIZE
-        self._head_done = False
+        self.received = ReceivedCounter()
 
     def write(self, data: bytes) -> None:
         if not data:
             return
         self.size += len(data)
-        if not self._head_done:
-            self._add_to_head(data)
+        self.received.feed(data)
         if self._file is None and self.size > self._memory_limit:
             # Lives as long as the spool; closed by close().
             self._file = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115
@@ -48,15 +46,6 @@ class Spool:
             self._file.write(data)
         else:
             self._chunks.append(data)
-
-    def _add_to_head(self, data: bytes) -> None:
-        start = max(len(self.head) - 3, 0)
-        self.head += data[: HEAD_SIZE - len(self.head)]
-        end = self.head.find(b"\r\n\r\n", start)
-        if end >= 0:
-            del self.head[end + 2 :]
-        if end >= 0 or len(self.head) >= HEAD_SIZE:
-            self._head_done = True
 
     def read(self) -> bytes:
         if self._file is None:
