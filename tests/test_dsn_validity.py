@@ -381,7 +381,9 @@ def test_an_address_literal_sender_gets_its_dsn_routed_to_the_literal() -> None:
 @pytest.mark.parametrize(
     ("sender", "notify"), [("", None), ("", "SUCCESS,FAILURE"), ("alice@sender.test", "NEVER")]
 )
-def test_no_dsn_to_the_null_sender_or_with_notify_never(sender: str, notify: str | None) -> None:
+def test_no_dsn_to_the_null_sender_hence_no_double_bounce_nor_with_notify_never(
+    sender: str, notify: str | None
+) -> None:
     notices = Notices(HOSTNAME).for_results(
         outbound(sender, EIGHT_BIT),
         [claim("b@x.test", notify), claim("c@x.test", notify)],

@@ -430,11 +430,11 @@ def _returned(original: bytes, full: bool) -> Returned:
             kept.append(piece)
         if headers_cut:
             break
-    content = b"".join(line + b"\r\n" for line in kept)
     if full:
         for line in _lines(original[len(headers) :]):
             cut += len(line) > MAX_LINE
-            content += _cut(line, MAX_LINE) + b"\r\n"
+            kept.append(_cut(line, MAX_LINE))
+    content = b"".join(line + b"\r\n" for line in kept)
     return Returned(content, len(original), headers_cut, cut)
 
 
