@@ -1,5 +1,6 @@
-"""Primaries for the delivery tests: Postfix's smtp-sink, and an aiosmtpd stand-in for the
-one thing smtp-sink cannot do (refuse some recipients of a transaction and take others).
+"""Primaries for the delivery tests: Postfix's smtp-sink, and aiosmtpd stand-ins for what
+smtp-sink cannot do: refuse some recipients of a transaction and take others (`PickyPrimary`),
+and check what it is sent against the 8BITMIME and SMTPUTF8 rules (`StrictSink`).
 
 `SmtpSink` runs ``/usr/sbin/smtp-sink`` on a loopback address and dumps every
 transaction it accepts to one file (``-d DIR/%M.``).  As root smtp-sink must
@@ -176,6 +177,7 @@ class Transaction:
     sender: str
     recipients: list[str]
     content: bytes  # as received, CRLF line ends, dot-stuffing undone
+    mail_options: tuple[str, ...] = ()  # MAIL parameters, upper-case: "BODY=8BITMIME"
 
 
 @dataclass
@@ -204,10 +206,16 @@ class _PickyHandler:
 class PickyPrimary:
     """An aiosmtpd primary that refuses some recipients (e.g. 550 5.1.1) and takes the rest."""
 
-    def __init__(self, host: str, port: int, refuse: dict[str, str]) -> None:
+    def __init__(
+        self, host: str, port: int, refuse: dict[str, str], smtputf8: bool = False
+    ) -> None:
         self.handler = _PickyHandler({k.lower(): v for k, v in refuse.items()})
         self.controller = Controller(
-            self.handler, hostname=host, port=port, ready_timeout=START_SECONDS
+            self.handler,
+            hostname=host,
+            port=port,
+            ready_timeout=START_SECONDS,
+            enable_SMTPUTF8=smtputf8,
         )
 
     @property
@@ -306,3 +314,114 @@ class SlowGreeting:
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
         return first
+
+
+# --------------------------------------------------------------------------- strict
+
+
+MAX_LINE = 998  # RFC 5321 §4.5.3.1.6, RFC 5322 §2.1.1: octets, without the CRLF
+
+
+def transport_problem(
+    sender: str, recipients: list[str], options: tuple[str, ...], content: bytes
+) -> str | None:
+    """Why a strict receiver refuses this transaction, or None: what `StrictSink` checks.
+
+    * 8-bit content needs BODY=8BITMIME (RFC 6152 §3), SMTPUTF8 or not;
+    * a non-ASCII address or a non-ASCII byte in the message's own header section
+      needs SMTPUTF8 (RFC 6531 §3.4, RFC 6532 §3);
+    * no line is longer than 998 octets.
+    """
+    utf8 = "SMTPUTF8" in options
+    if not utf8 and not all(a.isascii() for a in (sender, *recipients)):
+        return "553 5.6.7 non-ASCII address without SMTPUTF8 (RFC 6531 section 3.4)"
+    if not content.isascii() and "BODY=8BITMIME" not in options:
+        return "554 5.6.1 8-bit content without BODY=8BITMIME (RFC 6152 section 3)"
+    end = content.find(b"\r\n\r\n")
+    if not utf8 and not content[: len(content) if end < 0 else end].isascii():
+        return "554 5.6.7 non-ASCII header without SMTPUTF8 (RFC 6532 section 3)"
+    if any(len(line) > MAX_LINE for line in content.split(b"\r\n")):
+        return f"554 5.6.0 a line is longer than {MAX_LINE} octets (RFC 5322 section 2.1.1)"
+    return None
+
+
+@dataclass
+class _StrictHandler:
+    received: list[Transaction] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if not address.isascii() and "SMTPUTF8" not in options:
+            return self._refuse("553 5.6.7 non-ASCII sender without SMTPUTF8")
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if not address.isascii() and "SMTPUTF8" not in envelope.mail_options:
+            return self._refuse("553 5.6.7 non-ASCII recipient without SMTPUTF8")
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        transaction = Transaction(
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            bytes(envelope.content),
+            tuple(envelope.mail_options),
+        )
+        problem = transport_problem(
+            transaction.sender,
+            transaction.recipients,
+            transaction.mail_options,
+            transaction.content,
+        )
+        if problem:
+            return self._refuse(problem)
+        with self.lock:
+            self.received.append(transaction)
+        return "250 2.0.0 Ok: queued"
+
+    def _refuse(self, reply: str) -> str:
+        with self.lock:
+            self.refused.append(reply)
+        return reply
+
+
+class StrictSink:
+    """An aiosmtpd receiver (SMTPUTF8 and 8BITMIME offered, no DSN) that refuses what
+    `transport_problem` finds and keeps the rest; what it refused is in `refused`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.handler = _StrictHandler()
+        self.controller = Controller(
+            self.handler,
+            hostname=host,
+            port=port,
+            ready_timeout=START_SECONDS,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            data_size_limit=0,
+        )
+
+    @property
+    def received(self) -> list[Transaction]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    @property
+    def refused(self) -> list[str]:
+        with self.handler.lock:
+            return list(self.handler.refused)
+
+    def start(self) -> StrictSink:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()

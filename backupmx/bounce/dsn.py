@@ -8,10 +8,26 @@ The caller queues the DSN from the null sender ``<>`` to the original sender.
 Promises:
 
 * Every line ends in CRLF; there is no bare CR or LF anywhere (invariant 6),
-  even if the original had some.  Apart from that, the original is included
-  byte for byte, 8-bit content included (``Content-Transfer-Encoding: 8bit`` on
-  the parts that carry it and on the whole report, so the caller must send the
-  DSN with BODY=8BITMIME when `is_8bit` says so).
+  even if the original had some, and no line is longer than `MAX_LINE` octets
+  (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6), in any part.  A longer header line of
+  the original is folded at its spaces (RFC 5322 §2.2.3, which loses nothing);
+  what cannot be folded, and a longer body line, is cut at `MAX_LINE`, and the
+  human-readable part says how many lines were cut.  Apart from that, the
+  original is included byte for byte, 8-bit content included
+  (``Content-Transfer-Encoding: 8bit`` on the parts that carry it and on the
+  whole report).
+* The DSN is sent as it is, never downgraded, as Postfix's bounce daemon does:
+  the caller sends it with BODY=8BITMIME when `is_8bit` says so (RFC 6152 §3)
+  and with SMTPUTF8 when `needs_smtputf8` says so (RFC 6531 §3.4: its envelope
+  or its own header section is not ASCII).  Downgrading would rewrite the
+  returned original, and a UTF-8 sender cannot be written in ASCII at all.
+* RFC 6533: a status block with a non-ASCII address or text makes the report a
+  ``message/global-delivery-status`` with ``utf-8`` address types; the original
+  of an SMTPUTF8 message comes back as ``message/global`` or
+  ``message/global-headers`` (Postfix decides by the same flag).
+* Returned headers are bounded by `RETURN_HEADERS_LIMIT`, the cut stated.
+* ``Remote-MTA`` is a DNS name (RFC 3464 §2.3.5) or left out; the address and
+  port of the host are in the human-readable text only (`RecipientReport.remote_host`).
 * The MIME boundary never occurs in the included original.
 * ENVID and ORCPT are xtext-decoded (RFC 3461 §4) into ``Original-Envelope-Id``
   and ``Original-Recipient``.
@@ -33,7 +49,7 @@ from __future__ import annotations
 import re
 import secrets
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -41,12 +57,22 @@ from enum import StrEnum
 
 # Postfix's bounce_size_limit: a larger original is returned as headers only.
 RETURN_SIZE_LIMIT = 50_000
+# The returned header section, at most.  Real header sections are a few KiB (a
+# long Received chain with DKIM and ARC signatures stays under 20 KiB), but one
+# header line may be as large as max_message_size, and a failure report goes
+# mostly to forged senders: without a bound it is backscatter of any size.
+RETURN_HEADERS_LIMIT = 64 * 1024
+# RFC 5322 §2.1.1 and RFC 5321 §4.5.3.1.6: octets in a line, without its CRLF.
+MAX_LINE = 998
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _SMTP_REPLY = re.compile(r"[245]\d\d(?:[ -]|$)")
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_LONGEST_WORD = 900
+_WSP = re.compile(rb"[ \t]")
+_LONGEST_WORD = 900  # octets of one unbroken word in a field we write
+# RFC 6533 §3: QCHAR, what utf-8-addr-unitext takes as it is (besides non-ASCII).
+_NOT_QCHAR = re.compile(r"[\x00-\x20+=\\\x7f]")
 
 
 class Action(StrEnum):
@@ -86,7 +112,8 @@ class RecipientReport:
     action: Action
     status: str  # RFC 3463, e.g. "5.1.1"
     original_recipient: str | None = None  # the ORCPT parameter as received: "rfc822;a+2Bb@x"
-    remote_mta: str | None = None  # host name of the server that answered
+    remote_mta: str | None = None  # DNS name of the server that answered (RFC 3464 §2.3.5)
+    remote_host: str | None = None  # for people: "mx1.example.test[192.0.2.1]:25"
     diagnostic: str | None = None  # "550 5.1.1 unknown user", or our own reason
     # RFC 3464 diagnostic-type; None: "smtp" for a text that starts with a reply
     # code, "X-Backupmx" for our own reasons (no route, expired, null MX).
@@ -126,14 +153,16 @@ def build_dsn(
     date: datetime,
     envid: str | None = None,
     ret: str | None = None,
+    smtputf8: bool = False,
     retry_until: datetime | None = None,
     return_size_limit: int = RETURN_SIZE_LIMIT,
     token: str | None = None,
 ) -> bytes:
     """The complete DSN message (headers and body) for ``recipients`` of one message.
 
-    ``envid`` and ``ret`` are the MAIL parameters as received; ``date`` is now;
-    ``token`` makes the Message-ID and boundary unique (random when None).
+    ``envid``, ``ret`` and ``smtputf8`` are the MAIL parameters as received;
+    ``date`` is now; ``token`` makes the Message-ID and boundary unique (random
+    when None).
     """
     if not recipients:
         raise ValueError("a DSN needs at least one recipient report")
@@ -146,13 +175,18 @@ def build_dsn(
 
     failed = Action.FAILED in actions
     full = failed and (ret or "").upper() == "FULL" and len(original) <= return_size_limit
-    original = _crlf(original)
-    returned = original if full else _header_section(original)
-    notification = _notification(reporting_mta, recipients, failed, full, ret, len(original))
+    returned = _returned(_crlf(original), full)
+    notification = _notification(reporting_mta, recipients, failed, full, ret, returned)
     report = _delivery_status(reporting_mta, queue_id, envid, arrival_date, recipients, retry_until)
     boundary = _boundary(
-        f"{_safe(queue_id)}.{token}/{reporting_mta}", notification + report + returned
+        f"{_safe(queue_id)}.{token}/{reporting_mta}", notification + report + returned.content
     )
+    # RFC 6533 §6: the "global" types where UTF-8 is (status) or may be (returned).
+    status_type = f"message/{'' if report.isascii() else 'global-'}delivery-status"
+    if full:
+        returned_type = "message/global" if smtputf8 else "message/rfc822"
+    else:
+        returned_type = "message/global-headers" if smtputf8 else "text/rfc822-headers"
     parts = [
         _part(
             [
@@ -161,16 +195,13 @@ def build_dsn(
             ],
             notification,
         ),
-        _part(
-            ["Content-Description: Delivery report", "Content-Type: message/delivery-status"],
-            report,
-        ),
+        _part(["Content-Description: Delivery report", f"Content-Type: {status_type}"], report),
         _part(
             [
                 f"Content-Description: Undelivered message{'' if full else ' (headers only)'}",
-                f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}",
+                f"Content-Type: {returned_type}",
             ],
-            returned,
+            returned.content,
         ),
     ]
     body = b"This is a MIME-encapsulated message.\r\n"
@@ -199,6 +230,13 @@ def is_8bit(data: bytes) -> bool:
     return not data.isascii()
 
 
+def needs_smtputf8(dsn: bytes, recipient: str) -> bool:
+    """True if a DSN must be sent with SMTPUTF8 to ``recipient``: the address or the
+    DSN's own header section is not ASCII (RFC 6531 §3.4, RFC 6532 §3).  UTF-8 in
+    its parts (the global types of RFC 6533) needs only BODY=8BITMIME."""
+    return not recipient.isascii() or not _header_section(dsn).isascii()
+
+
 def decode_xtext(text: str) -> str:
     """RFC 3461 §4: ``+XX`` is the octet XX; the result is read as UTF-8 (RFC 6533)."""
     data = b""
@@ -216,9 +254,10 @@ def _notification(
     failed: bool,
     full: bool,
     ret: str | None,
-    size: int,
+    returned: Returned,
 ) -> bytes:
-    """The human-readable part: what happened to whom, grouped by action."""
+    """The human-readable part: what happened to whom, grouped by action, and what
+    of the original comes back (and what of it was cut)."""
     paragraphs = [f"This is the mail system at host {reporting_mta}."]
     for action in Action:
         group = [r for r in recipients if r.action == action]
@@ -231,11 +270,21 @@ def _notification(
             paragraphs.append("Your message is attached below the delivery report.")
         elif (ret or "").upper() == "FULL":
             paragraphs.append(
-                f"Your message ({size} bytes) is too large to return in full; "
+                f"Your message ({returned.size} bytes) is too large to return in full; "
                 "its headers are attached below the delivery report."
             )
         else:
             paragraphs.append("The headers of your message are attached below the report.")
+    if returned.headers_cut:
+        paragraphs.append(
+            f"The headers of your message are longer than {RETURN_HEADERS_LIMIT // 1024} KiB; "
+            f"only their first {RETURN_HEADERS_LIMIT // 1024} KiB are attached."
+        )
+    if returned.lines_cut:
+        paragraphs.append(
+            f"{returned.lines_cut} line(s) of your message are longer than {MAX_LINE} octets "
+            "(RFC 5322 section 2.1.1) and are cut short in the attached copy."
+        )
     lines: list[str] = []
     for paragraph in paragraphs:
         lines += [*textwrap.wrap(paragraph, width=76, subsequent_indent="    "), ""]
@@ -244,8 +293,9 @@ def _notification(
 
 def _explain(report: RecipientReport) -> str:
     said = _one_line(report.diagnostic or f"status {report.status}")
-    if report.remote_mta:
-        said = f"host {_one_line(report.remote_mta)} said: {said}"
+    host = report.remote_host or report.remote_mta
+    if host:
+        said = f"host {_one_line(host)} said: {said}"
     return f"<{_one_line(report.final_recipient)}>: {said}"
 
 
@@ -269,9 +319,11 @@ def _delivery_status(
         fields: list[tuple[str, str]] = []
         if report.original_recipient:
             addr_type, _, address = report.original_recipient.partition(";")
-            fields.append(("Original-Recipient", f"{addr_type};{decode_xtext(address)}"))
+            addr_type, address = _typed_address(addr_type, decode_xtext(address))
+            fields.append(("Original-Recipient", f"{addr_type};{address}"))
+        final_type, final = _typed_address("rfc822", report.final_recipient)
         fields += [
-            ("Final-Recipient", f"rfc822; {report.final_recipient}"),
+            ("Final-Recipient", f"{final_type}; {final}"),
             ("Action", str(report.action)),
             ("Status", report.status),
         ]
@@ -289,6 +341,18 @@ def _delivery_status(
             fields.append(("Will-Retry-Until", _date(until)))
         blocks.append(_fields(fields))
     return b"\r\n".join(blocks)
+
+
+def _typed_address(addr_type: str, address: str) -> tuple[str, str]:
+    """RFC 3464 §2.3.1 address-type and address.  A non-ASCII address is RFC 6533's
+    ``utf-8`` type as utf-8-addr-unitext (§3): UTF-8 as it is, and the ASCII that
+    is not QCHAR as ``\\x{HH}``.  An ORCPT given as ``utf-8`` is already that form."""
+    addr_type = addr_type.strip()
+    if addr_type.lower() == "utf-8":
+        return "utf-8", address
+    if address.isascii():
+        return addr_type, address
+    return "utf-8", _NOT_QCHAR.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", address)
 
 
 def _fields(fields: Iterable[tuple[str, str]]) -> bytes:
@@ -336,6 +400,86 @@ def _header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 2]
 
 
+@dataclass(frozen=True)
+class Returned:
+    """What of the original goes into the DSN, and what was cut to get there."""
+
+    content: bytes
+    size: int  # of the whole original
+    headers_cut: bool = False  # the header section was longer than RETURN_HEADERS_LIMIT
+    lines_cut: int = 0  # lines cut at MAX_LINE octets
+
+
+def _returned(original: bytes, full: bool) -> Returned:
+    """The whole CRLF-normalised ``original`` (``full``) or its header section,
+    bounded: headers to `RETURN_HEADERS_LIMIT`, every line to `MAX_LINE`."""
+    headers = _header_section(original)
+    kept: list[bytes] = []
+    size = cut = 0
+    headers_cut = False
+    for line in _lines(headers):
+        # Each line is cut to the limit before it is folded, so that a header line of
+        # many megabytes costs no more work than one of 64 KiB.
+        folded, cut_here = _fold_header_line(line[:RETURN_HEADERS_LIMIT])
+        cut += cut_here
+        for piece in folded:
+            size += len(piece) + 2
+            if size > RETURN_HEADERS_LIMIT:
+                headers_cut = True
+                break
+            kept.append(piece)
+        if headers_cut:
+            break
+    if full:
+        for line in _lines(original[len(headers) :]):
+            cut += len(line) > MAX_LINE
+            kept.append(_cut(line, MAX_LINE))
+    content = b"".join(line + b"\r\n" for line in kept)
+    return Returned(content, len(original), headers_cut, cut)
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    """The lines of CRLF-ended ``data`` without their CRLF, one at a time."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\r\n", start)
+        end = len(data) if end < 0 else end
+        yield data[start:end]
+        start = end + 2
+
+
+def _fold_header_line(line: bytes) -> tuple[list[bytes], bool]:
+    """``line`` as lines of at most `MAX_LINE` octets: folded before a space or tab
+    that follows some text (RFC 5322 §2.2.3: unfolding restores it); where there
+    is none in reach, cut there and resumed at the next space.  Returns the lines
+    and whether anything was cut."""
+    out: list[bytes] = []
+    cut = False
+    while len(line) > MAX_LINE:
+        at = max(line.rfind(b" ", 1, MAX_LINE + 1), line.rfind(b"\t", 1, MAX_LINE + 1))
+        if at > 0 and line[:at].strip(b" \t"):
+            out.append(line[:at])
+            line = line[at:]
+            continue
+        cut = True
+        out.append(_cut(line, MAX_LINE))
+        space = _WSP.search(line, MAX_LINE)
+        line = line[space.start() :] if space else b""
+    if line.strip(b" \t") or not cut:
+        out.append(line)
+    return out, cut
+
+
+def _cut(line: bytes, limit: int) -> bytes:
+    """At most ``limit`` octets of ``line``, not ending inside a UTF-8 sequence."""
+    if len(line) <= limit:
+        return line
+    end = limit
+    while end > 0 and 0x80 <= line[end] <= 0xBF:
+        end -= 1
+    return line[:end]
+
+
 def _boundary(base: str, content: bytes) -> str:
     """A boundary (RFC 2046 bchars, at most 70) that does not occur in ``content``."""
     base = re.sub(r"[^0-9A-Za-z'()+_,\-./:=?]", "_", base)[:60]
@@ -367,16 +511,13 @@ def _check_header_value(value: str) -> None:
 def _fold(line: str, width: int = 78) -> str:
     """RFC 5322 §2.2.3: break at spaces to stay under ``width`` where possible.
 
-    A word longer than `_LONGEST_WORD` is cut, so that no line reaches the hard
-    limit of 998 octets (a folded-in space in a diagnostic text is harmless).
+    A word longer than `_LONGEST_WORD` octets is cut, so that no line reaches the
+    hard limit of `MAX_LINE` octets, UTF-8 included (a folded-in space in a
+    diagnostic text is harmless).
     """
     if len(line) <= width:
         return line
-    words = [
-        word[i : i + _LONGEST_WORD]
-        for word in line.split(" ")
-        for i in range(0, max(len(word), 1), _LONGEST_WORD)
-    ]
+    words = [piece for word in line.split(" ") for piece in _pieces(word, _LONGEST_WORD)]
     lines: list[str] = []
     current = words[0]
     for word in words[1:]:
@@ -387,3 +528,16 @@ def _fold(line: str, width: int = 78) -> str:
             current += " " + word
     lines.append(current)
     return "\r\n".join(lines)
+
+
+def _pieces(word: str, limit: int) -> list[str]:
+    """``word`` in pieces of at most ``limit`` octets of UTF-8 each."""
+    pieces, current, size = [], "", 0
+    for char in word:
+        octets = len(char.encode())
+        if size + octets > limit:
+            pieces.append(current)
+            current, size = "", 0
+        current += char
+        size += octets
+    return [*pieces, current]

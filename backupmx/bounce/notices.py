@@ -8,6 +8,11 @@ Promises:
   out; success only when asked, and then as a "relayed" DSN when the primary
   does not support DSN (RFC 3461 §4.2).
 * One DSN per message and kind, covering all its recipients of that kind.
+* A DSN goes to every sender with a domain we can route to, address literals
+  (``user@[192.0.2.1]``) included, and is queued with the BODY and SMTPUTF8 its
+  content needs (`is_8bit`, `needs_smtputf8`), never declared 7-bit ASCII.
+* ``Remote-MTA`` names the host that answered by its DNS name; a host known only
+  by address is named in the human-readable text alone.
 
 The DSNs are returned as `NewMessage`s for the store to queue in the same
 transaction as the state change they report.
@@ -19,9 +24,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import timedelta
 
-from backupmx.bounce.dsn import Action, RecipientReport, build_dsn, should_send_dsn
-from backupmx.config import normalize_domain
+from backupmx.bounce.dsn import (
+    Action,
+    RecipientReport,
+    build_dsn,
+    is_8bit,
+    needs_smtputf8,
+    should_send_dsn,
+)
+from backupmx.deliver.client import Target
 from backupmx.deliver.reply import Outcome, Verdict
+from backupmx.deliver.route import is_ip
 from backupmx.queue.store import (
     BytesBody,
     Claim,
@@ -32,6 +45,7 @@ from backupmx.queue.store import (
     new_queue_id,
     utcnow,
 )
+from backupmx.receive.address import Address
 
 
 class Notices:
@@ -44,9 +58,12 @@ class Notices:
         message: Outbound,
         claims: Sequence[Claim],
         outcomes: Sequence[Outcome],
-        remote: str | None,
+        remote: Target | None,
         dsn_supported: bool,
     ) -> list[NewMessage]:
+        """The DSNs for one delivery attempt; ``remote`` is the host that answered."""
+        remote_mta = remote.host if remote and not is_ip(remote.host) else None
+        remote_host = str(remote) if remote else None
         failed: list[RecipientReport] = []
         relayed: list[RecipientReport] = []
         for claim, outcome in zip(claims, outcomes, strict=True):
@@ -63,7 +80,8 @@ class Notices:
                         original_recipient=claim.orcpt,
                         action=action,
                         status=outcome.status,
-                        remote_mta=remote,
+                        remote_mta=remote_mta,
+                        remote_host=remote_host,
                         diagnostic=outcome.diagnostic,
                     )
                 )
@@ -111,8 +129,10 @@ class Notices:
     def _notice(self, message: Outbound, reports: Sequence[RecipientReport]) -> NewMessage | None:
         if not reports or not message.sender:
             return None
+        local, _, domain = message.sender.rpartition("@")
         try:
-            domain = normalize_domain(message.sender.rpartition("@")[2])
+            # The routing form: lower-case A-labels, or the address literal as it is.
+            domain = Address(local, domain).routing_domain
         except ValueError:
             return None
         now = utcnow()
@@ -124,6 +144,7 @@ class Notices:
             arrival_date=message.received_at,
             queue_id=message.id,
             original=message.body,
+            smtputf8=message.smtputf8,
             recipients=list(reports),
             date=now,
             retry_until=message.received_at + timedelta(seconds=self.max_queue_lifetime),
@@ -137,5 +158,7 @@ class Notices:
             client_helo=self.hostname,
             protocol="local",
             session_id="dsn",
+            body_type="8BITMIME" if is_8bit(body) else "7BIT",
+            smtputf8=needs_smtputf8(body, message.sender),
             received_at=now,
         )

@@ -323,7 +323,5 @@ class Deliverer:
                 relay=str(where) if where else None,
                 reply=outcome.diagnostic,
             )
-        notices = self.notices.for_results(
-            message, claims, outcomes, str(where) if where else None, dsn_supported
-        )
+        notices = self.notices.for_results(message, claims, outcomes, where, dsn_supported)
         await self.store.record(self.owner, results, notices)

@@ -13,18 +13,21 @@ Decisions, for a domain:
   equal preference shuffled (the ``rng`` argument, so tests are deterministic),
   each host's addresses in resolver order (IPv6 and IPv4 both kept).  No MX
   record: the domain itself at preference 0 (the implicit MX).  A static
-  ``primary`` list is used as given, in order, without pruning.
+  ``primary`` list is used as given, in order, without pruning.  An address
+  literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``: a DSN to such a sender) is
+  that address on the delivery port, without DNS (`route_literal`).
 * `Bounce` — the domain takes no mail: null MX (``556 5.1.10``, RFC 7505 §4.2)
   or no such domain (NXDOMAIN, ``550 5.1.2``).
 * `Defer` — everything else that stops delivery now: we are the best MX left,
   SERVFAIL or timeout, no MX host with an address, a static primary that is this
-  host (a configuration error that must not loop).  MX *hosts* that do not
+  host (a configuration error that must not loop), an address literal that is
+  this host.  MX *hosts* that do not
   resolve never bounce mail: a backup holds it until ``max_queue_lifetime``
   rather than bounce on a primary's broken DNS.
 
 Who "self" is (`Identity`) is decided by the caller's data, never by "is
 loopback": tests run every primary on 127.0.0.x, and a loopback address is us
-only when we listen on it.  `route_mx`, `route_static` and the `Identity` methods
+only when we listen on it.  `route_mx`, `route_static`, `route_literal` and the `Identity` methods
 are pure; `plan` is the only I/O (DNS through `Resolver`); `local_addresses` reads
 the kernel's address lists once at start-up.
 """
@@ -73,7 +76,7 @@ class Hop:
 class RoutePlan:
     domain: str
     hops: tuple[Hop, ...]  # never empty
-    source: Literal["mx", "implicit", "static"]
+    source: Literal["mx", "implicit", "static", "literal"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class Identity:
 
 
 def _listen_addresses(host: str) -> list[str]:
-    if _is_ip(host):
+    if is_ip(host):
         return [_address(host)]
     try:
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -178,7 +181,7 @@ def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -301,7 +304,7 @@ def route_static(
     problems: list[str] = []
     for position, entry in enumerate(primaries):
         host = _name(entry.host)
-        if _is_ip(host):
+        if is_ip(host):
             found: tuple[str, ...] = (_address(host),)
         else:
             answer = addresses.get(host)
@@ -312,6 +315,19 @@ def route_static(
             return Defer(f"static primary {entry} of {domain} is this host: check domain.primary")
         hops += (Hop(host, a, entry.port, position) for a in found)
     return _plan(domain, _unique(hops), "static", problems)
+
+
+def route_literal(domain: str, identity: Identity, port: int) -> RoutePlan | Defer | Bounce:
+    """An address literal (RFC 5321 §4.1.3) is the one host to try, on the delivery
+    port; one that is this host defers, as an MX that is this host does."""
+    text = domain[1:-1]
+    try:
+        address = _address(text[5:] if text.lower().startswith("ipv6:") else text)
+    except ValueError:
+        return Bounce(550, "5.1.2", f"{domain} is not an address literal")
+    if identity.is_self_mx(address, port):
+        return Defer(f"address literal {domain} is this host")
+    return RoutePlan(domain, (Hop(address, address, port, 0),), "literal")
 
 
 def _best_per_host(mx: MxRecords) -> list[MxRecord]:
@@ -381,12 +397,14 @@ async def plan(
     port ``port``); empty means the MX set from DNS.
     """
     domain = _name(domain)
+    if domain.startswith("["):
+        return route_literal(domain, identity, port)
     if static_primary:
         try:
             entries = [parse_host_port(text, default_port=port) for text in static_primary]
         except ValueError as error:
             return Defer(f"static primary of {domain}: {error}")
-        names = [_name(e.host) for e in entries if not _is_ip(e.host)]
+        names = [_name(e.host) for e in entries if not is_ip(e.host)]
         return route_static(domain, entries, await _resolve(resolver, names), identity)
     mx = await resolver.mx(domain)
     if isinstance(mx, MxRecords):
