@@ -144,6 +144,12 @@ def normalize_domain(name: str) -> str:
     return text
 
 
+def routing_domain(domain: str) -> str:
+    """The form a domain is matched and routed on: lower-case A-labels, or an address
+    literal (``[192.0.2.1]``) lower-cased; raises ValueError if it is neither."""
+    return domain.lower() if domain.startswith("[") else normalize_domain(domain)
+
+
 # --------------------------------------------------------------------------- sections
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Protocol
 
 from backupmx.bounce.dsn import (
     Action,
@@ -32,9 +33,8 @@ from backupmx.bounce.dsn import (
     needs_smtputf8,
     should_send_dsn,
 )
-from backupmx.deliver.client import Target
+from backupmx.config import routing_domain
 from backupmx.deliver.reply import Outcome, Verdict
-from backupmx.deliver.route import is_ip
 from backupmx.queue.store import (
     BytesBody,
     Claim,
@@ -45,7 +45,14 @@ from backupmx.queue.store import (
     new_queue_id,
     utcnow,
 )
-from backupmx.receive.address import Address
+
+
+class RemoteHost(Protocol):
+    """The server that answered: `dns_name` for ``Remote-MTA`` (None when it is known
+    only by its address), and as text, for people, ``name[address]:port``."""
+
+    @property
+    def dns_name(self) -> str | None: ...
 
 
 class Notices:
@@ -58,11 +65,11 @@ class Notices:
         message: Outbound,
         claims: Sequence[Claim],
         outcomes: Sequence[Outcome],
-        remote: Target | None,
+        remote: RemoteHost | None,
         dsn_supported: bool,
     ) -> list[NewMessage]:
         """The DSNs for one delivery attempt; ``remote`` is the host that answered."""
-        remote_mta = remote.host if remote and not is_ip(remote.host) else None
+        remote_mta = remote.dns_name if remote else None
         remote_host = str(remote) if remote else None
         failed: list[RecipientReport] = []
         relayed: list[RecipientReport] = []
@@ -129,10 +136,8 @@ class Notices:
     def _notice(self, message: Outbound, reports: Sequence[RecipientReport]) -> NewMessage | None:
         if not reports or not message.sender:
             return None
-        local, _, domain = message.sender.rpartition("@")
         try:
-            # The routing form: lower-case A-labels, or the address literal as it is.
-            domain = Address(local, domain).routing_domain
+            domain = routing_domain(message.sender.rpartition("@")[2])
         except ValueError:
             return None
         now = utcnow()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from backupmx.deliver.reply import Outcome, bounced, classify, deferred
+from backupmx.deliver.route import is_ip
 from backupmx.queue.store import Claim, Outbound
 from backupmx.receive.data import has_bare_newline, to_crlf
 
@@ -66,6 +67,12 @@ class Target:
     def __str__(self) -> str:
         address = f"[{self.address}]" if ":" in self.address else self.address
         return f"{self.host}[{address}]:{self.port}"
+
+    @property
+    def dns_name(self) -> str | None:
+        """The host's DNS name (RFC 3464 §2.3.5 Remote-MTA); None for a bare address
+        (a static primary or an address literal)."""
+        return None if is_ip(self.host) else self.host
 
 
 @dataclass

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from backupmx.config import normalize_domain
+from backupmx.config import normalize_domain, routing_domain
 from backupmx.receive.storable import UTF8_NON_ASCII, flaw
 
 
@@ -68,9 +68,7 @@ class Address:
     @functools.cached_property
     def routing_domain(self) -> str:
         """The domain in the form we match and route on: lower-case A-labels."""
-        if self.domain.startswith("["):
-            return self.domain.lower()
-        return normalize_domain(self.domain)
+        return routing_domain(self.domain)
 
     @property
     def unquoted_local(self) -> str:
