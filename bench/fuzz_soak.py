@@ -1,0 +1,169 @@
+"""Soak the SMTP session fuzzer of tests/test_session_fuzz.py: many more examples.
+
+What runs
+    The suite's fuzzer against one real ``backupmx serve`` (the same
+    configuration, strategies and properties), while a well-behaved client
+    sends mail alongside, in batches of random (not derandomized) examples
+    until ``--examples`` have run or ``--seconds`` have passed (checked between
+    batches; one batch is about ten seconds at most).  Nothing is shrunk: every
+    broken property is counted by kind, and the shortest input that showed
+    each kind is kept to reproduce it.
+
+Findings
+    A known bug, fixed on another branch, is counted apart: invalid UTF-8 in
+    HELO, an address or a parameter reaching the queue, whose write fails
+    (``451 4.3.0 queue file write error``) together with the rest of its
+    intake batch.  Anything else is a new finding, and the exit status is 1.
+
+Run from the repository root::
+
+    .venv/bin/python bench/fuzz_soak.py                    # 5 minutes, all three kinds
+    .venv/bin/python bench/fuzz_soak.py --seconds 60 --kinds commands
+
+Only loopback addresses are used; the server and its directory are removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from hypothesis import HealthCheck, Phase, given, settings
+from test_session_fuzz import (
+    Delivery,
+    Grammar,
+    ServerLog,
+    bystanders,
+    deliveries,
+    examine,
+    fuzz_server,
+    random_bytes,
+    reached,
+)
+
+from conftest import ServerProcess
+from smtp_client import serving
+
+KINDS = {
+    "random": deliveries(random_bytes()),
+    "commands": deliveries(Grammar(hostile=False).session()),
+    "hostile": deliveries(Grammar(hostile=True).session()),
+}
+BATCH = 100
+KNOWN_BUG = "known bug: invalid UTF-8 reaches the queue (451 queue file write error)"
+KNOWN_SIGNS = ("queue file write error", "surrogates not allowed")
+
+
+def kind_of(problem: str) -> str:
+    """A problem's kind: its text up to the first colon (the log event for log lines)."""
+    if problem.startswith("log: "):
+        return "log: " + problem.split('"event": "', 1)[-1].split('"', 1)[0]
+    return problem.split(":", 1)[0][:80]
+
+
+@dataclass
+class Findings:
+    examples: Counter[str] = field(default_factory=Counter)  # per input kind
+    found: Counter[str] = field(default_factory=Counter)  # examples per finding kind
+    shortest: dict[str, tuple[Delivery, list[str]]] = field(default_factory=dict)
+    states: Counter[str] = field(default_factory=Counter)
+
+    def record(self, kind: str, delivery: Delivery, problems: list[str]) -> None:
+        self.examples[kind] += 1
+        if not problems:
+            return
+        if any(sign in p for p in problems for sign in KNOWN_SIGNS):
+            kinds = {KNOWN_BUG}
+        else:
+            kinds = {kind_of(p) for p in problems if not p.startswith("received: ")}
+        for name in kinds:
+            self.found[name] += 1
+            best = self.shortest.get(name)
+            if best is None or len(delivery.data) < len(best[0].data):
+                self.shortest[name] = (delivery, problems)
+
+
+def soak_batch(server: ServerProcess, log: ServerLog, kind: str, findings: Findings) -> None:
+    @settings(
+        max_examples=BATCH,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(delivery=KINDS[kind])
+    def run(delivery: Delivery) -> None:
+        replies, problems = examine(server, log, delivery)
+        findings.states.update(reached(replies))
+        findings.record(kind, delivery, problems)
+
+    run()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=100_000, help="stop after this many")
+    parser.add_argument("--seconds", type=float, default=300.0, help="stop after this long")
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=sorted(KINDS))
+    args = parser.parse_args()
+
+    findings = Findings()
+    with (
+        tempfile.TemporaryDirectory(prefix="fuzz-soak-") as directory,
+        serving(fuzz_server(Path(directory))) as server,
+        bystanders(server) as sender,
+    ):
+        log = ServerLog(server.log_path)
+        started = time.monotonic()
+        batch = 0
+        while (
+            sum(findings.examples.values()) < args.examples
+            and time.monotonic() - started < args.seconds
+        ):
+            kind = args.kinds[batch % len(args.kinds)]
+            soak_batch(server, log, kind, findings)
+            batch += 1
+            ran = sum(findings.examples.values())
+            print(
+                f"{time.monotonic() - started:7.1f} s  {ran} examples  "
+                f"findings {dict(findings.found)}",
+                file=sys.stderr,
+            )
+        elapsed = time.monotonic() - started
+        sender.stop()
+    return report(findings, elapsed, sender.sent, sender.failures)
+
+
+def report(findings: Findings, elapsed: float, sent: int, failures: list[str]) -> int:
+    total = sum(findings.examples.values())
+    print(f"examples: {total} in {elapsed:.0f} s ({total / elapsed:.1f}/s)")
+    for kind, count in sorted(findings.examples.items()):
+        print(f"  {kind}: {count}")
+    print(f"states reached: {len(findings.states)} distinct replies")
+    print(f"bystander messages: {sent}, failed: {len(failures)}")
+    bystander_kinds = Counter(
+        KNOWN_BUG if any(s in f for s in KNOWN_SIGNS) else f[:80] for f in failures
+    )
+    for failure, count in bystander_kinds.items():
+        print(f"  {count} x {failure}")
+    print("findings (examples per kind):" if findings.found else "findings: none")
+    for name, count in findings.found.most_common():
+        delivery, problems = findings.shortest[name]
+        print(f"  {count} x {name}")
+        print(f"    shortest input: {delivery.data[:400]!r} cuts={delivery.cuts}")
+        print(f"    first problem: {problems[0][:400]}")
+    new = [n for n in findings.found if n != KNOWN_BUG] + [
+        k for k in bystander_kinds if k != KNOWN_BUG
+    ]
+    return 1 if new else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
