@@ -28,7 +28,10 @@ def configure(level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write per record, newline included: print() writes the newline apart, and
+        # unbuffered (PYTHONUNBUFFERED) the intake process's records, on the same stdout,
+        # landed between a record and its newline: two records on one line.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
 
