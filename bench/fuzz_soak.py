@@ -10,12 +10,8 @@ What runs
     each kind is kept to reproduce it.
 
 Findings
-    Known bugs, fixed on another branch, are counted apart (named "invalid
-    UTF-8 input"): invalid UTF-8 in HELO, an address or a parameter reaching
-    the queue, whose write fails (``451 4.3.0 queue file write error``)
-    together with the rest of its intake batch; and invalid UTF-8 in a MAIL or
-    RCPT address raising in address.py (``451 4.3.0 internal error``).
-    Anything else is a new finding, and the exit status is 1.  The shortest
+    Every broken property, and every message of the well-behaved client that
+    did not get ``250``, is a finding, and the exit status is 1.  The shortest
     input of each finding is written in full to ``--findings``.
 
 Run from the repository root::
