@@ -22,12 +22,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from backupmx.queue.database import upgrade
 from backupmx.queue.store import Store
+
+if TYPE_CHECKING:
+    from spam_filters import Spamd
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BACKUPMX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -104,11 +108,19 @@ class ServerProcess:
     def write_config(self) -> None:
         write_config(self.config_path, self.settings)
 
-    def start(self) -> ServerProcess:
+    def start(self, *command: str) -> ServerProcess:
+        """`backupmx --config FILE serve`, or with `command` instead of ``serve``."""
         self.write_config()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backupmx", "--config", str(self.config_path), "serve"],
+            [
+                sys.executable,
+                "-m",
+                "backupmx",
+                "--config",
+                str(self.config_path),
+                *(command or ("serve",)),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.directory,
@@ -242,3 +254,33 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     await opened.start()
     yield opened
     await opened.close()
+
+
+@pytest.fixture(scope="module")
+def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spamd]:
+    """SpamAssassin's real spamd on a loopback port, for a module's spam-hook tests."""
+    from spam_filters import Spamd  # it imports this module's free_port
+
+    server = Spamd(tmp_path_factory.mktemp("spamd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def server_examples(count: int) -> settings:
+    """Hypothesis settings for `count` examples run against a real server: no deadline
+    (a session takes milliseconds or seconds), derandomized so that a run is repeatable,
+    no example database, and the health checks a server fixture trips suppressed."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import DOMAIN, ServerProcess
+from conftest import DOMAIN, ServerProcess, server_examples
 from smtp_client import RawSession
 
 RSS_LIMIT_MIB = 200
@@ -113,18 +113,7 @@ EXPLICIT = [
 ]
 
 
-@settings(
-    max_examples=10,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
+@server_examples(10)
 @example(lines=EXPLICIT)
 @given(lines=st.lists(hostile_line, min_size=MAX_ERRORS, max_size=MAX_ERRORS))
 def test_garbage_lines_get_5xx_then_421_and_a_real_client_is_served(

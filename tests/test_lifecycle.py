@@ -28,7 +28,7 @@ import pytest
 
 from backupmx.queue.database import upgrade
 from backupmx.queue.store import BytesBody, NewMessage, NewRecipient, Store, new_queue_id
-from conftest import DOMAIN, ServerProcess, wait_for_port
+from conftest import DOMAIN, ServerProcess
 from smtp_client import RawSession
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
@@ -305,20 +305,9 @@ def test_serve_database_flag_before_or_after_the_verb_overrides_the_file(
     server_factory: Any, where: str
 ) -> None:
     server = server_factory()
-    server.write_config()
     url = f"sqlite:///{server.directory / 'flag.db'}"
     serve = ["serve", "--database", url] if where == "after-serve" else ["--database", url, "serve"]
-    with server.log_path.open("ab") as log:
-        server.process = subprocess.Popen(
-            [sys.executable, "-m", "backupmx", "--config", str(server.config_path), *serve],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=server.directory,
-        )
-    try:
-        wait_for_port(server.host, server.port)
-    except TimeoutError:
-        raise AssertionError(f"serve {serve} did not start:\n{server.log()}") from None
+    server.start(*serve)
     queue_id = send(server, [f"flag@{DOMAIN}"])
     assert server.stop() == 0
     listed = json.loads(server.cli("--database", url, "queue", "list", "--json").stdout)

@@ -200,15 +200,6 @@ def test_postmaster_passes_a_dnsbl_listing_but_not_the_recipient_rate(
 # --------------------------------------------------------------------------- spam hook
 
 
-@pytest.fixture(scope="module")
-def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spamd]:
-    server = Spamd(tmp_path_factory.mktemp("spamd")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 SPAM = (
     b"From: <someone@sender.test>\r\nTo: <postmaster@example.test>\r\nSubject: a report\r\n"
     b"Date: "

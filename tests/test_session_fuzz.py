@@ -65,10 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import DOMAIN, ServerProcess, free_port
+from conftest import DOMAIN, ServerProcess, free_port, server_examples
 from smtp_client import serving
 
 HOSTNAME = "mx2.backup.test"  # ServerProcess's default
@@ -610,22 +610,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield started
 
 
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[
-            HealthCheck.function_scoped_fixture,
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.large_base_example,
-        ],
-    )
-
-
 def examine(
     server: ServerProcess, log: ServerLog, delivery: Delivery
 ) -> tuple[list[list[str]], list[str]]:
@@ -654,7 +638,7 @@ def fuzz_with_bystanders(
     log = ServerLog(server.log_path)
     states: Counter[str] = Counter()
 
-    @fuzz_settings(examples)
+    @server_examples(examples)
     @given(delivery=strategy)
     def run(delivery: Delivery) -> None:
         replies, found = examine(server, log, delivery)

@@ -190,15 +190,6 @@ async def test_checker_that_never_answers_gives_on_error_within_the_time_limit()
 # --------------------------------------------------------------------------- real spamd
 
 
-@pytest.fixture(scope="module")
-def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spamd]:
-    server = Spamd(tmp_path_factory.mktemp("spamd")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def send(server: ServerProcess, content: bytes, tag: str = "") -> tuple[int, str]:
     with smtplib.SMTP(server.host, server.port, timeout=60) as client:
         client.ehlo("client.sender.test")
