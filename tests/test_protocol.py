@@ -12,9 +12,11 @@ shared queue.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
@@ -332,6 +334,20 @@ def received_hops(count: int) -> bytes:
         b"Received: from hop%d.test by hop%d.test; Tue, 1 Jul 2025 10:00:00 +0000\r\n" % (i, i + 1)
         for i in range(count)
     )
+
+
+def test_replies_reach_a_client_that_sends_more_after_quit(mx: ServerProcess) -> None:
+    """A socket closed with unread input answers it with a reset, which destroys replies
+    the client has not read yet: after QUIT the server drops input until the client's
+    end of file."""
+    with socket.create_connection((mx.host, mx.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        # More than one read of the server's takes: input is left unread when it answers QUIT.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(b"NOOP\r\nQUIT\r\n" + b"NOOP\r\n" * 200_000)
+        time.sleep(0.5)  # long enough for a reset to arrive
+        assert reader.read() == b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
 
 
 def test_101_received_headers_get_554_5_4_6_and_100_are_accepted(mx: ServerProcess) -> None:

@@ -42,6 +42,9 @@ Promises:
 * Every reply carries an enhanced status code (RFC 2034), except the greeting
   and the EHLO/HELO lines.
 * An exception in any command answers ``451 4.3.0`` and the session goes on.
+* After QUIT's ``221`` the connection is half-closed and what the client still
+  sends is dropped until its end of file (at most `QUIT_LINGER`): closing with
+  unread input would reset the connection and could destroy the ``221``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from asyncio import sslproto
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
@@ -88,6 +91,11 @@ MAX_COMMAND_LINE = 2048  # Postfix's line_length_limit; RFC 5321 §4.5.3.1.4 ask
 READER_LIMIT = 64 * 1024
 INBOX_LIMIT = 64 * 1024  # pipelined input held while a step runs, before reading pauses
 WRITE_BUFFER_LIMIT = 64 * 1024  # replies are small: wait for the client only past this
+# After QUIT's 221 the connection stays half-open this long, reading and dropping what
+# the client still sends: closing a socket with unread input makes the kernel answer
+# with a reset, which can destroy the 221 before the client has read it (the fuzzer
+# saw it with input pipelined past QUIT).  Closed at the client's end of file.
+QUIT_LINGER = 2.0
 # 452 4.5.3 ("too many recipients") is retried in a new transaction (RFC 5321 §4.5.3.1.10)
 # and does not count against max_errors.
 SEPARATE_POSTMASTER = (
@@ -203,6 +211,7 @@ class Session(SMTP):
         self._incoming: Incoming | None = None
         self._data_deadline = 0.0
         self._data_armed_at = 0.0
+        self._lingering = False  # QUIT answered: input is dropped until the close
 
     # ------------------------------------------------------------------ connection
 
@@ -267,7 +276,9 @@ class Session(SMTP):
 
     @property
     def open(self) -> bool:
-        return self.transport is not None and not self.transport.is_closing()
+        return (
+            self.transport is not None and not self.transport.is_closing() and not self._lingering
+        )
 
     def reply(self, text: str) -> None:
         """Send one reply; 4xx/5xx replies count against the session's error limit."""
@@ -320,6 +331,8 @@ class Session(SMTP):
     # ------------------------------------------------------------------ input
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self._context is None:
             super().data_received(data)  # before the greeting: the PROXY header reader
         else:
@@ -557,7 +570,15 @@ class Session(SMTP):
         self.reply("250 2.0.0 Ok")
 
     def cmd_quit(self, arg: str) -> None:
-        self.close_with("221 2.0.0 Bye")
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is None or not transport.can_write_eof():  # TLS: no half-close
+            self.close_with("221 2.0.0 Bye")
+            return
+        self._write(b"221 2.0.0 Bye\r\n")
+        self._lingering = True
+        self._inbox.clear()
+        transport.write_eof()
+        self.loop.call_later(QUIT_LINGER, transport.close)
 
     def cmd_vrfy(self, arg: str) -> None:
         # Disabled, as Postfix's disable_vrfy_command: a backup MX must not help address
