@@ -293,6 +293,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         scheduler.shutdown(wait=False)
         await listener.drain()
         await jobs.finished(config.limits.drain_timeout)
+        await primaries.close()
         delivering.cancel()
         watchdog.cancel()
         await asyncio.gather(delivering, watchdog, return_exceptions=True)

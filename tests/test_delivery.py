@@ -535,6 +535,36 @@ def test_a_primary_that_greets_after_40_seconds_still_gets_the_mail(
     assert slow.greeted and min(slow.greeted) >= delay, slow.greeted
 
 
+def test_a_primary_that_never_greets_does_not_hold_up_another_domains_probes(
+    server_factory: Any, dns: Dnsmasq, port: int, sinks: Callable[..., SmtpSink]
+) -> None:
+    # A tarpit: the kernel completes the handshake (listen, never accept), no greeting
+    # ever comes, and its probe waits the whole greeting_timeout (5 min).
+    tarpit_port = free_port("127.0.0.5")
+    with closing(socket.socket()) as tarpit:
+        tarpit.bind(("127.0.0.5", tarpit_port))
+        tarpit.listen(8)
+        domains = ["example.test", {"name": "tarpit.test", "primary": [f"127.0.0.5:{tarpit_port}"]}]
+        server = backup(server_factory, dns, port, domains).start()
+        with smtp(server) as client:
+            transmit(client, SENDER, ["held@tarpit.test"], content_for("tarpit", ["held"]))
+            queue = transmit(client, SENDER, ["back@example.test"], content_for("back", ["back"]))
+        wait_for(lambda: "primary_down" in server.log(), 10, "example.test's primary seen down")
+        sink = sinks(PRIMARY, port)  # example.test's primary comes back
+        wait_for(
+            lambda: recipient(server, "back@example.test")["state"] == "delivered",
+            15,
+            "delivery to example.test while tarpit.test's probe waits for its greeting",
+        )
+        # Still waiting for the tarpit's greeting (the deliverer tried it too), never given up.
+        assert recipient(server, "held@tarpit.test")["state"] in ("queued", "sending")
+        stopping = time.monotonic()
+        assert server.stop() == 0  # the probe still waiting is cancelled, not waited for
+        assert time.monotonic() - stopping < 10
+    (dumped,) = sink.messages()
+    assert our_id(dumped) == queue
+
+
 def test_equal_preference_mx_hosts_both_get_mail(
     server_factory: Any, dns: Dnsmasq, port: int, sinks: Callable[..., SmtpSink]
 ) -> None:

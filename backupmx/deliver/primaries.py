@@ -6,7 +6,10 @@ Promises:
   probe or delivery, and at that moment all its queued recipients become due —
   not at their next backoff time — and the deliverer is woken (design.md §3).
 * Probes (TCP connect, EHLO, QUIT; no mail) run for every domain with queued
-  mail, against the best host of its route, every ``probe_interval``.
+  mail, against the best host of its route, every ``probe_interval``.  Each
+  domain's probe is a task of its own: a primary may take minutes to greet
+  (``greeting_timeout``, RFC 5321 §4.5.3.2.1), and one that does never holds up
+  the other domains' probes; its domain is probed again once that probe ends.
 * State is written to the ``domains`` table, so ``backupmx domains`` and every
   node sharing the queue see it.
 
@@ -82,6 +85,7 @@ class Primaries:
         self._written: dict[str, tuple[bool, float]] = {}
         self._down: dict[str, tuple[float, str]] = {}  # monotonic time it failed, why
         self._rng = random.Random()
+        self._probing: dict[str, asyncio.Task[None]] = {}  # domain -> its probe in flight
 
     async def route(self, domain: str, fresh: bool = False) -> Route:
         cached = self._routes.get(domain)
@@ -164,9 +168,29 @@ class Primaries:
         return self._down.get(domain)
 
     async def probe_all(self) -> None:
-        """The scheduled job: probe every domain with queued mail, concurrently."""
-        domains = await self.store.pending_domains()
-        await asyncio.gather(*(self.probe(d) for d in domains))
+        """The scheduled job: start a probe for every domain with queued mail that has
+        none in flight; it does not wait for them (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        for domain in await self.store.pending_domains():
+            if domain not in self._probing:
+                self._probing[domain] = loop.create_task(
+                    self._probe_in_flight(domain), name=f"probe {domain}"
+                )
+
+    async def _probe_in_flight(self, domain: str) -> None:
+        try:
+            await self.probe(domain)
+        except Exception as error:  # the next round tries again
+            log.exception("probe_failed", domain=domain, error=str(error))
+        finally:
+            self._probing.pop(domain, None)
+
+    async def close(self) -> None:
+        """Cancel the probes in flight (at shutdown)."""
+        probes = list(self._probing.values())
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
 
     async def probe(self, domain: str) -> tuple[Route, list[tuple[Target, str, float]]]:
         """Probe the best host of the domain's route; return the route and each try."""
