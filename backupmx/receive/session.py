@@ -42,9 +42,10 @@ Promises:
 * Every reply carries an enhanced status code (RFC 2034), except the greeting
   and the EHLO/HELO lines.
 * An exception in any command answers ``451 4.3.0`` and the session goes on.
-* After QUIT's ``221`` the connection is half-closed and what the client still
-  sends is dropped until its end of file (at most `QUIT_LINGER`): closing with
-  unread input would reset the connection and could destroy the ``221``.
+* A session's last reply (``221`` to QUIT, a ``421``) reaches the client: the
+  connection is half-closed and what the client still sends is dropped until
+  its end of file (at most `LINGER`), since closing with unread input would
+  reset the connection and could destroy the reply unread.
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ MAX_COMMAND_LINE = 2048  # Postfix's line_length_limit; RFC 5321 §4.5.3.1.4 ask
 READER_LIMIT = 64 * 1024
 INBOX_LIMIT = 64 * 1024  # pipelined input held while a step runs, before reading pauses
 WRITE_BUFFER_LIMIT = 64 * 1024  # replies are small: wait for the client only past this
-# After QUIT's 221 the connection stays half-open this long, reading and dropping what
-# the client still sends: closing a socket with unread input makes the kernel answer
-# with a reset, which can destroy the 221 before the client has read it (the fuzzer
-# saw it with input pipelined past QUIT).  Closed at the client's end of file.
-QUIT_LINGER = 2.0
+# After a session's last reply the connection stays half-open this long, reading and
+# dropping what the client still sends: closing a socket with unread input makes the
+# kernel answer with a reset, which can destroy the reply before the client has read
+# it (the fuzzer saw it with input pipelined past QUIT).  Closed at the client's EOF.
+LINGER = 2.0
 # 452 4.5.3 ("too many recipients") is retried in a new transaction (RFC 5321 §4.5.3.1.10)
 # and does not count against max_errors.
 SEPARATE_POSTMASTER = (
@@ -211,7 +212,7 @@ class Session(SMTP):
         self._incoming: Incoming | None = None
         self._data_deadline = 0.0
         self._data_armed_at = 0.0
-        self._lingering = False  # QUIT answered: input is dropped until the close
+        self._lingering = False  # the last reply is sent: input is dropped until the close
 
     # ------------------------------------------------------------------ connection
 
@@ -290,10 +291,21 @@ class Session(SMTP):
             self.close_with("421 4.7.0 Error: too many errors")
 
     def close_with(self, text: str) -> None:
-        """Send a last reply without waiting for the client, and close."""
+        """Send a last reply without waiting for the client, and end the session: by a
+        half-close and `LINGER` (see the module docstring) once greeted; at once for a
+        refusal before the greeting (the client has sent nothing), over TLS (no
+        half-close) and when already lingering (the drain's cut)."""
         self._write(text.encode() + b"\r\n")
-        if self.transport is not None:
-            self.transport.close()
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is None:
+            return
+        if self._context is None or self._lingering or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self._inbox.clear()
+        transport.write_eof()
+        self.loop.call_later(LINGER, transport.close)
 
     def _write(self, data: bytes) -> None:
         if self.open:
@@ -570,15 +582,7 @@ class Session(SMTP):
         self.reply("250 2.0.0 Ok")
 
     def cmd_quit(self, arg: str) -> None:
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if transport is None or not transport.can_write_eof():  # TLS: no half-close
-            self.close_with("221 2.0.0 Bye")
-            return
-        self._write(b"221 2.0.0 Bye\r\n")
-        self._lingering = True
-        self._inbox.clear()
-        transport.write_eof()
-        self.loop.call_later(QUIT_LINGER, transport.close)
+        self.close_with("221 2.0.0 Bye")
 
     def cmd_vrfy(self, arg: str) -> None:
         # Disabled, as Postfix's disable_vrfy_command: a backup MX must not help address
