@@ -55,6 +55,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from enum import StrEnum
 
+from backupmx.deliver.reply import one_line
+
 # Postfix's bounce_size_limit: a larger original is returned as headers only.
 RETURN_SIZE_LIMIT = 50_000
 # The returned header section, at most.  Real header sections are a few KiB (a
@@ -292,11 +294,11 @@ def _notification(
 
 
 def _explain(report: RecipientReport) -> str:
-    said = _one_line(report.diagnostic or f"status {report.status}")
+    said = one_line(report.diagnostic or f"status {report.status}")
     host = report.remote_host or report.remote_mta
     if host:
-        said = f"host {_one_line(host)} said: {said}"
-    return f"<{_one_line(report.final_recipient)}>: {said}"
+        said = f"host {one_line(host)} said: {said}"
+    return f"<{one_line(report.final_recipient)}>: {said}"
 
 
 def _delivery_status(
@@ -333,7 +335,7 @@ def _delivery_status(
             kind = report.diagnostic_type or (
                 "smtp" if _SMTP_REPLY.match(report.diagnostic) else "X-Backupmx"
             )
-            fields.append(("Diagnostic-Code", f"{kind}; {_one_line(report.diagnostic)}"))
+            fields.append(("Diagnostic-Code", f"{kind}; {one_line(report.diagnostic)}"))
         if report.last_attempt_date:
             fields.append(("Last-Attempt-Date", _date(report.last_attempt_date)))
         until = report.will_retry_until or retry_until
@@ -359,7 +361,7 @@ def _fields(fields: Iterable[tuple[str, str]]) -> bytes:
     """One block of ``Name: value`` lines, folded at spaces, each ending in CRLF."""
     out = b""
     for name, value in fields:
-        out += _fold(f"{name}: {_one_line(value)}").encode() + b"\r\n"
+        out += _fold(f"{name}: {one_line(value)}").encode() + b"\r\n"
     return out
 
 
@@ -496,11 +498,6 @@ def _safe(text: str) -> str:
 
 def _charset(content: bytes) -> str:
     return "us-ascii" if content.isascii() else "utf-8"
-
-
-def _one_line(text: str) -> str:
-    """Multi-line SMTP replies and stray controls become one line of single spaces."""
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
 
 
 def _check_header_value(value: str) -> None:

@@ -77,5 +77,6 @@ def bounced(reason: str, status: str) -> Outcome:
 
 
 def one_line(text: str) -> str:
-    """`text` as one line of single spaces without controls or undecodable bytes."""
+    """`text` as one line of single spaces without controls or undecodable bytes: a
+    multi-line reply for `last_error`, and every value a DSN quotes."""
     return " ".join(_CONTROL.sub(" ", _UNDECODABLE.sub("\ufffd", text)).split())
