@@ -19,7 +19,7 @@ import socket
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -148,6 +148,23 @@ def routing_domain(domain: str) -> str:
     """The form a domain is matched and routed on: lower-case A-labels, or an address
     literal (``[192.0.2.1]``) lower-cased; raises ValueError if it is neither."""
     return domain.lower() if domain.startswith("[") else normalize_domain(domain)
+
+
+class DomainNames:
+    """[[domain]] names: exact names, and ``.parent`` entries, which cover the names
+    below the parent (not the parent itself).  `covers` takes A-labels."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._exact: set[str] = set()
+        self._parents: list[str] = []
+        for name in names:
+            if name.startswith("."):
+                self._parents.append("." + normalize_domain(name[1:]))
+            else:
+                self._exact.add(normalize_domain(name))
+
+    def covers(self, domain: str) -> bool:
+        return domain in self._exact or any(domain.endswith(p) for p in self._parents)
 
 
 # --------------------------------------------------------------------------- sections
@@ -596,13 +613,6 @@ def _validate(config: Config) -> None:
 _POSTMASTER_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
 
 
-def _entry_covers(entry: str, name: str) -> bool:
-    """A [[domain]] name covers `name` (A-labels): itself, or below a ".parent" entry."""
-    if entry.startswith("."):
-        return name.endswith("." + normalize_domain(entry[1:]))
-    return name == normalize_domain(entry)
-
-
 def _validate_postmaster(config: Config) -> None:
     """The `postmaster` key names a plain mailbox in a domain we back up (mail to
     `<Postmaster>` must never be relayed elsewhere), or there is a default for it."""
@@ -623,7 +633,7 @@ def _validate_postmaster(config: Config) -> None:
         name = normalize_domain(domain)
     except ValueError as error:
         raise ConfigError("postmaster", str(error)) from error
-    if not any(_entry_covers(d.name, name) for d in config.domain):
+    if not DomainNames(d.name for d in config.domain).covers(name):
         raise ConfigError("postmaster", f"{name} is not a [[domain]] backed up here")
 
 

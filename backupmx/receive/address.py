@@ -19,10 +19,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from backupmx.config import normalize_domain, routing_domain
+from backupmx.config import DomainNames, routing_domain
 from backupmx.receive.storable import UTF8_NON_ASCII, flaw
 
 
@@ -152,20 +151,8 @@ def _check_address_literal(literal: str) -> None:
         raise AddressError("501 5.1.2 Bad address literal") from error
 
 
-class RelayDomains:
+class RelayDomains(DomainNames):
     """The domains we back up: exact names, and ``.parent`` entries for subdomains."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self._exact: set[str] = set()
-        self._parents: list[str] = []
-        for name in names:
-            if name.startswith("."):
-                self._parents.append("." + normalize_domain(name[1:]))
-            else:
-                self._exact.add(normalize_domain(name))
-
-    def covers(self, domain: str) -> bool:
-        return domain in self._exact or any(domain.endswith(p) for p in self._parents)
 
     def check_recipient(self, address: Address) -> None:
         """Raise the 550 5.7.1 relay refusal unless the recipient may be relayed."""
