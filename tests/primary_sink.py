@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.controller import Controller
 
@@ -203,19 +203,14 @@ class _PickyHandler:
         return "250 2.0.0 Ok: queued"
 
 
-class PickyPrimary:
-    """An aiosmtpd primary that refuses some recipients (e.g. 550 5.1.1) and takes the rest."""
+class _AiosmtpdPeer:
+    """An aiosmtpd server in a thread on a loopback address; its handler keeps the
+    transactions it took in `received`, under its `lock`."""
 
-    def __init__(
-        self, host: str, port: int, refuse: dict[str, str], smtputf8: bool = False
-    ) -> None:
-        self.handler = _PickyHandler({k.lower(): v for k, v in refuse.items()})
+    def __init__(self, handler: Any, host: str, port: int, **options: Any) -> None:
+        self.handler = handler
         self.controller = Controller(
-            self.handler,
-            hostname=host,
-            port=port,
-            ready_timeout=START_SECONDS,
-            enable_SMTPUTF8=smtputf8,
+            handler, hostname=host, port=port, ready_timeout=START_SECONDS, **options
         )
 
     @property
@@ -223,12 +218,22 @@ class PickyPrimary:
         with self.handler.lock:
             return list(self.handler.received)
 
-    def start(self) -> PickyPrimary:
+    def start(self) -> Self:
         self.controller.start()
         return self
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class PickyPrimary(_AiosmtpdPeer):
+    """An aiosmtpd primary that refuses some recipients (e.g. 550 5.1.1) and takes the rest."""
+
+    def __init__(
+        self, host: str, port: int, refuse: dict[str, str], smtputf8: bool = False
+    ) -> None:
+        handler = _PickyHandler({k.lower(): v for k, v in refuse.items()})
+        super().__init__(handler, host, port, enable_SMTPUTF8=smtputf8)
 
 
 # --------------------------------------------------------------------------- slow greeting
@@ -393,35 +398,21 @@ class _StrictHandler:
         return reply
 
 
-class StrictSink:
+class StrictSink(_AiosmtpdPeer):
     """An aiosmtpd receiver (SMTPUTF8 and 8BITMIME offered, no DSN) that refuses what
     `transport_problem` finds and keeps the rest; what it refused is in `refused`."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.handler = _StrictHandler()
-        self.controller = Controller(
-            self.handler,
-            hostname=host,
-            port=port,
-            ready_timeout=START_SECONDS,
+        super().__init__(
+            _StrictHandler(),
+            host,
+            port,
             decode_data=False,
             enable_SMTPUTF8=True,
             data_size_limit=0,
         )
 
     @property
-    def received(self) -> list[Transaction]:
-        with self.handler.lock:
-            return list(self.handler.received)
-
-    @property
     def refused(self) -> list[str]:
         with self.handler.lock:
             return list(self.handler.refused)
-
-    def start(self) -> StrictSink:
-        self.controller.start()
-        return self
-
-    def stop(self) -> None:
-        self.controller.stop()
