@@ -35,20 +35,22 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from backupmx import config as configuration
 from backupmx import metrics
 from backupmx.bounce.notices import Notices
-from backupmx.config import parse_host_port
 from backupmx.deliver.client import Timeouts
 from backupmx.deliver.deliverer import Deliverer, DeliverySettings
 from backupmx.deliver.pacer import Pacers
 from backupmx.deliver.primaries import DomainPolicy, Primaries
-from backupmx.deliver.resolver import Resolver
 from backupmx.deliver.route import Identity, local_addresses
+from backupmx.mail.domains import DomainNames
+from backupmx.mail.hosts import parse_host_port
 from backupmx.notify import Notifier
 from backupmx.queue.database import safe_url, upgrade
 from backupmx.queue.state import Event
 from backupmx.queue.store import NewMessage, Overdue, Store, utcnow
 from backupmx.receive.clients import ClientChecks
-from backupmx.receive.listener import Listener, policy_from
+from backupmx.receive.listener import Listener
+from backupmx.receive.policy import policy_from
 from backupmx.receive.recipients import CacheKeeper, PrimaryCallout, Verifier
+from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx")
 
@@ -95,17 +97,22 @@ class App:
         self.store = store
         self.notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
 
+    @property
+    def config(self) -> configuration.Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: configuration.Config) -> None:
+        """A new configuration (start, SIGHUP) and the [[domain]] entries matched on."""
+        self._config = config
+        self._domains = DomainNames((entry.name, entry) for entry in config.domain)
+
     def domain_policy(self, domain: str) -> DomainPolicy:
         """The [[domain]] entry for `domain`: its exact name, else the closest ".parent"."""
         delivery = self.config.delivery
-        covering = [
-            entry
-            for entry in self.config.domain
-            if entry.name == domain or (entry.name.startswith(".") and domain.endswith(entry.name))
-        ]
-        if not covering:
+        entry = self._domains.match(domain)
+        if entry is None:
             return DomainPolicy(tls=delivery.tls)
-        entry = max(covering, key=lambda e: (e.name == domain, len(e.name)))
         return DomainPolicy(
             static_primary=entry.primary,
             on_primary_5xx=entry.on_primary_5xx,

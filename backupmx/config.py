@@ -11,7 +11,6 @@ and the problem; the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import os
 import re
@@ -19,12 +18,14 @@ import socket
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import idna
+from backupmx.mail.domains import DomainNames, normalize_domain
+from backupmx.mail.hosts import HostPort, parse_host_port
+from backupmx.mail.networks import parse_networks
 
 DEFAULT_CONFIG_PATH = Path("/etc/backupmx/backupmx.toml")
 DEFAULT_DATABASE = "sqlite:///backupmx.db"  # ./backupmx.db, the quick-start default
@@ -94,77 +95,6 @@ def parse_size(text: str | int) -> int:
     if value < 0:
         raise ValueError("a size cannot be negative")
     return value
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
-    """ "127.0.0.1:25", "[::1]:25", "mx1.example.com" (with a default port)."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
-    if not match:
-        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:25)")
-    host = match.group(1) or match.group(3)
-    port_text = match.group(2) or match.group(4)
-    if match.group(1):
-        ipaddress.IPv6Address(host)
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{text!r} has no port")
-        return HostPort(host, default_port)
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return HostPort(host, port)
-
-
-_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
-@functools.lru_cache(maxsize=4096)  # called per address and per result with few distinct names
-def normalize_domain(name: str) -> str:
-    """Lower-case, IDNA-encoded, trailing dot removed; raises ValueError if not a domain."""
-    text = name.strip().rstrip(".").lower()
-    if not text.isascii():
-        # IDNA 2008 with UTS #46 mapping, not Python's IDNA 2003 codec, which maps
-        # "straße" to "strasse" and drops joiners: two names must not become one.
-        try:
-            text = idna.encode(text, uts46=True, transitional=False).decode("ascii")
-        except idna.IDNAError as error:
-            raise ValueError(f"{name!r} is not a domain name") from error
-    labels = text.split(".")
-    if len(text) > 253 or len(labels) < 1 or not all(_DOMAIN_LABEL.fullmatch(x) for x in labels):
-        raise ValueError(f"{name!r} is not a domain name")
-    return text
-
-
-def routing_domain(domain: str) -> str:
-    """The form a domain is matched and routed on: lower-case A-labels, or an address
-    literal (``[192.0.2.1]``) lower-cased; raises ValueError if it is neither."""
-    return domain.lower() if domain.startswith("[") else normalize_domain(domain)
-
-
-class DomainNames:
-    """[[domain]] names: exact names, and ``.parent`` entries, which cover the names
-    below the parent (not the parent itself).  `covers` takes A-labels."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self._exact: set[str] = set()
-        self._parents: list[str] = []
-        for name in names:
-            if name.startswith("."):
-                self._parents.append("." + normalize_domain(name[1:]))
-            else:
-                self._exact.add(normalize_domain(name))
-
-    def covers(self, domain: str) -> bool:
-        return domain in self._exact or any(domain.endswith(p) for p in self._parents)
 
 
 # --------------------------------------------------------------------------- sections
@@ -574,11 +504,7 @@ def _validate(config: Config) -> None:
                 parse_host_port(text, default_port=25)
             except ValueError as error:
                 raise ConfigError(f"{key}.primary[{j}]", str(error)) from error
-    for i, text in enumerate(config.etrn_clients):
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError as error:
-            raise ConfigError(f"etrn_clients[{i}]", str(error)) from error
+    _validate_networks("etrn_clients", config.etrn_clients)
     for i, text in enumerate(config.dns.nameservers):
         try:
             parse_host_port(text, default_port=53)
@@ -610,6 +536,14 @@ def _validate(config: Config) -> None:
 
 # A dot-atom local part without "%" and "!": the relay check refuses sender-specified
 # routing, so a postmaster address with it could never be delivered.
+def _validate_networks(key: str, texts: Sequence[str]) -> None:
+    for i, text in enumerate(texts):
+        try:
+            parse_networks([text])
+        except ValueError as error:
+            raise ConfigError(f"{key}[{i}]", str(error)) from error
+
+
 _POSTMASTER_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
 
 
@@ -633,7 +567,7 @@ def _validate_postmaster(config: Config) -> None:
         name = normalize_domain(domain)
     except ValueError as error:
         raise ConfigError("postmaster", str(error)) from error
-    if not DomainNames(d.name for d in config.domain).covers(name):
+    if not DomainNames((d.name, d) for d in config.domain).covers(name):
         raise ConfigError("postmaster", f"{name} is not a [[domain]] backed up here")
 
 
@@ -664,14 +598,8 @@ def _validate_protection(config: Config) -> None:
             raise ConfigError("spamcheck.address", str(error)) from error
     if config.limits.banner_delay > MAX_BANNER_DELAY:
         raise ConfigError("limits.banner_delay", f"must be at most {MAX_BANNER_DELAY:.0f}s")
-    networks = [("proxy_protocol", config.proxy_protocol)]
-    networks.append(("greylist.pass_clients", config.greylist.pass_clients))
-    for key, values in networks:
-        for i, text in enumerate(values):
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError as error:
-                raise ConfigError(f"{key}[{i}]", str(error)) from error
+    _validate_networks("proxy_protocol", config.proxy_protocol)
+    _validate_networks("greylist.pass_clients", config.greylist.pass_clients)
     for i, zone in enumerate(config.dnsbl.zone):
         try:
             normalize_domain(zone.name)

@@ -47,10 +47,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-from backupmx.config import normalize_domain, parse_host_port
+from backupmx.mail.address import RelayDomains
+from backupmx.mail.domains import normalize_domain
+from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
 from backupmx.queue.store import DomainState, Stats, Store, utcnow, waiting
-from backupmx.receive.address import RelayDomains
 
 log = structlog.get_logger("backupmx")
 

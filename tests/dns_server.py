@@ -31,7 +31,7 @@ import dns.exception
 import dns.message
 import dns.query
 
-from backupmx.config import HostPort
+from backupmx.mail.hosts import HostPort
 from conftest import free_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"

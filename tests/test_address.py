@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backupmx.receive.address import AddressError, RelayDomains, parse_path
+from backupmx.mail.address import AddressError, RelayDomains, parse_path
 from backupmx.receive.parameters import parse_mail_parameters, parse_rcpt_parameters
 
 DOMAINS = RelayDomains(["example.test", ".example.org"])

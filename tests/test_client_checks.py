@@ -30,13 +30,13 @@ from typing import Any
 import pytest
 
 from backupmx.config import Dnsbl, DnsblZone
-from backupmx.deliver.resolver import Addresses, NxDomain
 from backupmx.queue.database import upgrade
 from backupmx.queue.store import Store, utcnow
 from backupmx.receive.clients import ClientRates
 from backupmx.receive.dnsbl import listed, query_name
 from backupmx.receive.greylist import client_network
 from backupmx.receive.proxy import ProxyError, parse_v1, parse_v2
+from backupmx.resolver import Addresses, NxDomain
 from conftest import DOMAIN, ServerProcess
 from dns_server import Dnsmasq, dns_zone
 from smtp_client import RawClient, queue_id, serving, split_received

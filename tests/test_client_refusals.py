@@ -7,8 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from backupmx.deliver.client import PrimaryConnection, Target, Timeouts, on_the_wire
-from backupmx.deliver.reply import Verdict
+from backupmx.deliver.client import PrimaryConnection, Target, Timeouts
+from backupmx.mail.reply import Verdict
+from backupmx.mail.wire import on_the_wire
 from backupmx.queue.store import Outbound
 
 

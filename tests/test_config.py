@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backupmx.config import ConfigError, load, parse_duration, parse_host_port, parse_size
+from backupmx.config import ConfigError, load, parse_duration, parse_size
+from backupmx.mail.hosts import parse_host_port
 
 
 def test_durations_and_sizes() -> None:

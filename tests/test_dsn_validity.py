@@ -45,8 +45,8 @@ from backupmx.bounce.dsn import (
 )
 from backupmx.bounce.notices import Notices
 from backupmx.deliver.client import Target
-from backupmx.deliver.reply import bounced, classify, deferred
 from backupmx.deliver.route import Bounce, Defer, Identity, RoutePlan, plan, route_literal
+from backupmx.mail.reply import bounced, classify, deferred
 from backupmx.queue.store import Claim, Outbound
 from conftest import ServerProcess, free_port
 from dns_server import Dnsmasq, dns_zone

@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backupmx import metrics
+from backupmx.mail.address import RelayDomains
 from backupmx.queue.store import DomainState, DomainStats, Stats, utcnow
-from backupmx.receive.address import RelayDomains
 from conftest import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess, free_port, wait_for_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

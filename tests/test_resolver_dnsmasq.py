@@ -23,8 +23,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from backupmx.config import HostPort
-from backupmx.deliver.resolver import (
+from backupmx.deliver.route import Bounce, Defer, Hop, Identity, RoutePlan, plan
+from backupmx.mail.hosts import HostPort
+from backupmx.resolver import (
     Addresses,
     MxRecord,
     MxRecords,
@@ -34,7 +35,6 @@ from backupmx.deliver.resolver import (
     Resolver,
     TempFail,
 )
-from backupmx.deliver.route import Bounce, Defer, Hop, Identity, RoutePlan, plan
 from conftest import free_port
 from dns_server import Dnsmasq, dns_zone
 

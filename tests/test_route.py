@@ -14,19 +14,6 @@ import subprocess
 
 import pytest
 
-from backupmx.config import HostPort
-from backupmx.deliver.resolver import (
-    AddressAnswer,
-    Addresses,
-    MxAnswer,
-    MxRecord,
-    MxRecords,
-    NoData,
-    NullMx,
-    NxDomain,
-    Resolver,
-    TempFail,
-)
 from backupmx.deliver.route import (
     Bounce,
     Defer,
@@ -37,6 +24,19 @@ from backupmx.deliver.route import (
     plan,
     route_mx,
     route_static,
+)
+from backupmx.mail.hosts import HostPort
+from backupmx.resolver import (
+    AddressAnswer,
+    Addresses,
+    MxAnswer,
+    MxRecord,
+    MxRecords,
+    NoData,
+    NullMx,
+    NxDomain,
+    Resolver,
+    TempFail,
 )
 
 PORT = 25

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData
 
-from backupmx.deliver.reply import classify
+from backupmx.mail.reply import classify
 from backupmx.queue.models import metadata
 from backupmx.queue.state import Event
 from backupmx.queue.store import (

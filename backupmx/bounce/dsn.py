@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from enum import StrEnum
 
-from backupmx.deliver.reply import one_line
+from backupmx.mail.reply import one_line
 
 # Postfix's bounce_size_limit: a larger original is returned as headers only.
 RETURN_SIZE_LIMIT = 50_000

@@ -33,8 +33,8 @@ from backupmx.bounce.dsn import (
     needs_smtputf8,
     should_send_dsn,
 )
-from backupmx.config import routing_domain
-from backupmx.deliver.reply import Outcome, Verdict
+from backupmx.mail.domains import routing_domain
+from backupmx.mail.reply import Outcome, Verdict
 from backupmx.queue.store import (
     BytesBody,
     Claim,

@@ -16,7 +16,8 @@ from typing import Any
 
 from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.cli.status import domain_lines
-from backupmx.config import Config, normalize_domain
+from backupmx.config import Config
+from backupmx.mail.domains import normalize_domain
 
 
 def add_parsers(verbs: Any) -> None:

@@ -35,7 +35,8 @@ from sqlalchemy.exc import DBAPIError
 
 from backupmx.bounce.notices import Notices
 from backupmx.cli import CommandError
-from backupmx.config import Config, normalize_domain, parse_duration
+from backupmx.config import Config, parse_duration
+from backupmx.mail.domains import normalize_domain
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
 from backupmx.queue.state import FINAL, Event, State
 from backupmx.queue.store import (

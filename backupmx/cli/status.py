@@ -25,7 +25,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backupmx.cli.queue import _age, _json, open_store, table
-from backupmx.config import Config, parse_host_port
+from backupmx.config import Config
+from backupmx.mail.domains import DomainNames, normalize_domain
+from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, safe_url
 from backupmx.queue.store import DomainState, Stats, waiting
 
@@ -76,11 +78,13 @@ class DomainLine:
 def domain_lines(
     config: Config, states: dict[str, DomainState], stats: Stats, now: datetime
 ) -> list[DomainLine]:
-    """Every backed-up domain, and every other domain with mail in the queue."""
-    backed_up = {d.name.lstrip(".") for d in config.domain}
+    """Every domain backed up by its exact name, and every domain with mail in the queue
+    (a ``.parent`` entry shows through the subdomains that have mail)."""
+    backed_up = DomainNames((d.name, d) for d in config.domain)
+    exact = {normalize_domain(d.name) for d in config.domain if not d.name.startswith(".")}
     queued = {d.domain: d for d in stats.domains}
     lines = []
-    for name in sorted(backed_up | set(queued)):
+    for name in sorted(exact | set(queued)):
         state = states.get(name)
         counts = queued[name].counts if name in queued else {}
         next_probe = None
@@ -91,7 +95,7 @@ def domain_lines(
         lines.append(
             DomainLine(
                 name=name,
-                backed_up=name in backed_up,
+                backed_up=backed_up.covers(name),
                 state=state.state if state else "unknown",
                 since=state.since if state else None,
                 queued=waiting(counts),

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from backupmx.deliver.reply import Outcome, bounced, classify, deferred
 from backupmx.deliver.route import is_ip
+from backupmx.mail.reply import Outcome, bounced, classify, deferred
+from backupmx.mail.wire import on_the_wire
 from backupmx.queue.store import Claim, Outbound
-from backupmx.receive.data import has_bare_newline, to_crlf
 
 
 class ConnectFailed(Exception):
@@ -228,19 +228,6 @@ class PrimaryConnection:
             await self.smtp.quit(timeout=5)
         except (aiosmtplib.SMTPException, OSError):
             self.smtp.close()
-
-
-def on_the_wire(body: bytes) -> bytes:
-    """A stored body as DATA sends it: CRLF line endings, a dot doubled at the start
-    of a line (RFC 5321 §4.5.2), and the final ``.`` line."""
-    if has_bare_newline(body):
-        body = to_crlf(body)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
 
 
 def tls_context(mode: str, ca_file: str) -> ssl.SSLContext:

@@ -46,9 +46,9 @@ from backupmx.deliver.client import (
 )
 from backupmx.deliver.pacer import HostPacer, Pacers
 from backupmx.deliver.primaries import Primaries, describe, target
-from backupmx.deliver.reply import Outcome, Verdict, bounced, deferred
 from backupmx.deliver.route import Bounce, RoutePlan
 from backupmx.deliver.schedule import next_attempt
+from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
 from backupmx.queue.state import Event
 from backupmx.queue.store import Claim, Outbound, Result, Store, utcnow
 

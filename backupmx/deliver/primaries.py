@@ -29,9 +29,9 @@ from datetime import datetime, timedelta
 import structlog
 
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
-from backupmx.deliver.resolver import Resolver
 from backupmx.deliver.route import Bounce, Hop, Identity, Route, RoutePlan, plan
 from backupmx.queue.store import Store, utcnow
+from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx.deliver")
 

@@ -44,8 +44,8 @@ from itertools import groupby
 from pathlib import Path
 from typing import Literal
 
-from backupmx.config import HostPort, parse_host_port
-from backupmx.deliver.resolver import (
+from backupmx.mail.hosts import HostPort, parse_host_port
+from backupmx.resolver import (
     AddressAnswer,
     Addresses,
     MxAnswer,

@@ -26,41 +26,26 @@ greylisting fail open, recipient verification fails to 450.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 
 from backupmx.config import Limits
+from backupmx.mail.address import Address
+from backupmx.mail.networks import in_networks
 from backupmx.queue.store import Store
 from backupmx.receive import greylist
-from backupmx.receive.address import Address
 from backupmx.receive.dnsbl import Lookup, Lookups
+from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.proxy import ProxyError, read_header
 from backupmx.receive.recipients import Status, Verifier, check_recipient, reply_for
-
-if TYPE_CHECKING:
-    from backupmx.receive.listener import ReceivePolicy
 
 log = structlog.get_logger("backupmx.receive")
 
 RATE_WINDOW = 60.0  # the limits are "per minute"
 MAX_TRACKED_CLIENTS = 100_000  # past this, idle buckets are forgotten
-
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def in_networks(client_ip: str, networks: Networks) -> bool:
-    if not networks:
-        return False
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
 
 
 @dataclass

@@ -25,9 +25,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-END_OF_DATA = b"\r\n.\r\n"
+from backupmx.mail.wire import END_OF_DATA, has_bare_newline, to_crlf, unstuffed
+
 DECODE_BLOCK = 64 * 1024  # bytes gathered before a decode pass (bounds memory per session)
-_BARE = re.compile(rb"\r\n|\r|\n")
 
 
 class DataDecoder:
@@ -101,7 +101,7 @@ class DataDecoder:
             self.bare_newline = True
             if self._normalize:
                 block = to_crlf(block)
-        block = block.replace(b"\r\n.", b"\r\n")
+        block = unstuffed(block)
         # Each block starts with the CRLF that ended the previous line; the very
         # first is our virtual one and is not part of the body.
         self._sink(block if self._started else block[2:])
@@ -110,17 +110,6 @@ class DataDecoder:
     def _emit_last_line(self) -> None:
         if not self.too_big and self._started:
             self._sink(b"\r\n")
-
-
-def to_crlf(block: bytes) -> bytes:
-    """Every bare CR or LF made CRLF."""
-    return _BARE.sub(b"\r\n", block)
-
-
-def has_bare_newline(block: bytes) -> bool:
-    """A CR not followed by LF, or an LF not preceded by CR (three C-speed counts)."""
-    crlfs = block.count(b"\r\n")
-    return block.count(b"\n") != crlfs or block.count(b"\r") != crlfs
 
 
 class ReceivedCounter:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from backupmx.config import Dnsbl, DnsblZone
-from backupmx.deliver.resolver import AddressAnswer, Addresses
+from backupmx.resolver import AddressAnswer, Addresses
 
 log = structlog.get_logger("backupmx.receive")
 

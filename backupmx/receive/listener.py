@@ -15,82 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import structlog
 
-from backupmx.config import Config, Dnsbl, Greylist, Limits, SpamCheck
 from backupmx.queue.store import Store
-from backupmx.receive.address import Address, RelayDomains
-from backupmx.receive.clients import ClientChecks, Networks
-from backupmx.receive.recipients import RecipientPolicy
+from backupmx.receive.clients import ClientChecks
+from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.session import Session
 from backupmx.receive.spamcheck import SpamChecker
 
 log = structlog.get_logger("backupmx.receive")
-
-
-@dataclass(frozen=True)
-class ReceivePolicy:
-    hostname: str
-    relay_domains: RelayDomains
-    limits: Limits
-    tls_context: ssl.SSLContext | None
-    etrn_clients: tuple[IPv4Network | IPv6Network, ...] = ()
-    recipients: RecipientPolicy = field(default_factory=RecipientPolicy)
-    spamcheck: SpamCheck = field(default_factory=SpamCheck)
-    dnsbl: Dnsbl = field(default_factory=Dnsbl)
-    greylist: Greylist = field(default_factory=Greylist)
-    greylist_pass: Networks = ()
-    proxy_from: Networks = ()  # load balancers that send a PROXY header
-    postmaster: Address | None = None  # what RCPT TO:<Postmaster> stands for
-
-    def is_postmaster(self, address: Address) -> bool:
-        """postmaster@ any domain (RFC 5321 §4.5.1), or the configured postmaster mailbox."""
-        configured = self.postmaster
-        return address.is_postmaster or (
-            configured is not None
-            and address.local == configured.local
-            and address.routing_domain == configured.routing_domain
-        )
-
-    def may_etrn(self, client_ip: str) -> bool:
-        try:
-            address = ip_address(client_ip)
-        except ValueError:
-            return False
-        return any(address in network for network in self.etrn_clients)
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
-    """Server context for STARTTLS: TLS 1.2 or newer, no client certificate asked."""
-    if not cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
-
-
-def policy_from(config: Config) -> ReceivePolicy:
-    return ReceivePolicy(
-        hostname=config.hostname,
-        relay_domains=RelayDomains(d.name for d in config.domain),
-        limits=config.limits,
-        tls_context=tls_context(config.tls.cert, config.tls.key),
-        etrn_clients=tuple(ip_network(n, strict=False) for n in config.etrn_clients),
-        recipients=RecipientPolicy(config.domain, config.recipients),
-        spamcheck=config.spamcheck,
-        dnsbl=config.dnsbl,
-        greylist=config.greylist,
-        greylist_pass=tuple(ip_network(n, strict=False) for n in config.greylist.pass_clients),
-        proxy_from=tuple(ip_network(n, strict=False) for n in config.proxy_protocol),
-        postmaster=Address(*config.postmaster_address().rsplit("@", 1)),
-    )
 
 
 class Listener:

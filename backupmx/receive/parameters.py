@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from backupmx.receive.address import AddressError
-from backupmx.receive.storable import UTF8_NON_ASCII, flaw
+from backupmx.mail.address import AddressError
+from backupmx.mail.storable import UTF8_NON_ASCII, flaw
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _VALUE = re.compile(rf"(?:[\x21-\x3c\x3e-\x7e]|{UTF8_NON_ASCII})+")  # RFC 6531 §3.3

@@ -39,11 +39,12 @@ from pathlib import Path
 import aiosmtplib
 import structlog
 
-from backupmx.config import Config, Domain, Recipients, normalize_domain
+from backupmx.config import Config, Domain, Recipients
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
 from backupmx.deliver.route import Route, RoutePlan
+from backupmx.mail.address import Address
+from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.queue.store import RecipientVerdict, Store, utcnow
-from backupmx.receive.address import Address
 
 log = structlog.get_logger("backupmx.receive")
 
@@ -161,27 +162,20 @@ class RecipientPolicy:
 
     def __init__(self, domains: Iterable[Domain] = (), settings: Recipients | None = None) -> None:
         self.settings = settings or Recipients()
-        self._exact: dict[str, DomainRecipients] = {}
-        self._parents: list[tuple[str, DomainRecipients]] = []
-        for domain in domains:
-            rule = DomainRecipients(
-                domain.recipients,
-                RecipientList(domain.recipient_list) if domain.recipients == "list" else None,
-                domain.verify_unknown,
+        self._rules = DomainNames(
+            (
+                domain.name,
+                DomainRecipients(
+                    domain.recipients,
+                    RecipientList(domain.recipient_list) if domain.recipients == "list" else None,
+                    domain.verify_unknown,
+                ),
             )
-            if domain.name.startswith("."):
-                self._parents.append(("." + normalize_domain(domain.name[1:]), rule))
-            else:
-                self._exact[normalize_domain(domain.name)] = rule
+            for domain in domains
+        )
 
     def rule(self, domain: str) -> DomainRecipients:
-        found = self._exact.get(domain)
-        if found is not None:
-            return found
-        for parent, rule in self._parents:
-            if domain.endswith(parent):
-                return rule
-        return DomainRecipients()
+        return self._rules.match(domain) or DomainRecipients()
 
 
 # --------------------------------------------------------------------------- verify

@@ -64,10 +64,12 @@ import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from backupmx import metrics
-from backupmx.config import Limits, normalize_domain
+from backupmx.config import Limits
+from backupmx.mail.address import Address, AddressError, parse_path
+from backupmx.mail.domains import normalize_domain
+from backupmx.mail.storable import flaw
 from backupmx.queue.database import storage_full
 from backupmx.queue.store import BodySource, NewMessage, NewRecipient, new_queue_id, utcnow
-from backupmx.receive.address import Address, AddressError, parse_path
 from backupmx.receive.clients import Screen
 from backupmx.receive.data import DataDecoder
 from backupmx.receive.parameters import (
@@ -76,13 +78,13 @@ from backupmx.receive.parameters import (
     parse_mail_parameters,
     parse_rcpt_parameters,
 )
+from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.received import TraceFacts, protocol_name, received_header
 from backupmx.receive.spamcheck import Facts, Verdict
 from backupmx.receive.spool import Spool
-from backupmx.receive.storable import flaw
 
 if TYPE_CHECKING:
-    from backupmx.receive.listener import Listener, ReceivePolicy
+    from backupmx.receive.listener import Listener
 
 log = structlog.get_logger("backupmx.receive")
 

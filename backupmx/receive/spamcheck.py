@@ -42,7 +42,8 @@ from dataclasses import dataclass, replace
 import structlog
 
 from backupmx import metrics
-from backupmx.config import SpamAction, SpamCheck, parse_host_port
+from backupmx.config import SpamAction, SpamCheck
+from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.store import BodySource
 
 log = structlog.get_logger("backupmx.receive")

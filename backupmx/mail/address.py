@@ -1,6 +1,6 @@
 """Envelope addresses and the relay decision, parsed strictly (RFC 5321 §4.1.2).
 
-Promises (design.md invariant 5): an address is relayed only when its domain is
+Promises (docs/queue.md, invariant 5): an address is relayed only when its domain is
 one we back up, and no address form changes where mail goes.  Source routes
 (``<@a,@b:user@domain>``) are dropped as RFC 5321 §4.1.1.3 asks, so only the final
 mailbox counts.  Sender-specified routing inside the local part (``user%host@``,
@@ -19,10 +19,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from backupmx.config import DomainNames, routing_domain
-from backupmx.receive.storable import UTF8_NON_ASCII, flaw
+from backupmx.mail.domains import DomainNames, routing_domain
+from backupmx.mail.storable import UTF8_NON_ASCII, flaw
 
 
 class AddressError(ValueError):
@@ -151,8 +152,11 @@ def _check_address_literal(literal: str) -> None:
         raise AddressError("501 5.1.2 Bad address literal") from error
 
 
-class RelayDomains(DomainNames):
+class RelayDomains(DomainNames[str]):
     """The domains we back up: exact names, and ``.parent`` entries for subdomains."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__((name, name) for name in names)
 
     def check_recipient(self, address: Address) -> None:
         """Raise the 550 5.7.1 relay refusal unless the recipient may be relayed."""

@@ -33,7 +33,7 @@ import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 from dns.resolver import NoNameservers
 
-from backupmx.config import HostPort
+from backupmx.mail.hosts import HostPort
 
 # dnspython's default wait for one server before trying the next; the whole lookup
 # is still bounded by the configured timeout.
