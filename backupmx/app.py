@@ -35,6 +35,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from backupmx import config as configuration
 from backupmx import metrics
 from backupmx.bounce.notices import Notices
+from backupmx.deliver.callout import PrimaryCallout
 from backupmx.deliver.client import Timeouts
 from backupmx.deliver.deliverer import Deliverer, DeliverySettings
 from backupmx.deliver.pacer import Pacers
@@ -49,7 +50,7 @@ from backupmx.queue.store import NewMessage, Overdue, Store, utcnow
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.listener import Listener
 from backupmx.receive.policy import policy_from
-from backupmx.receive.recipients import CacheKeeper, PrimaryCallout, Verifier
+from backupmx.receive.recipients import CacheKeeper, Verifier
 from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx")
@@ -165,7 +166,12 @@ class App:
             delivery.max_messages_per_second_per_host,
         )
         return Deliverer(
-            self.store, primaries, pacers, self.notices, settings, node_name(self.config.hostname)
+            self.store,
+            primaries,
+            pacers,
+            self.notices.for_results,
+            settings,
+            node_name(self.config.hostname),
         )
 
     async def housekeeping(self) -> None:

@@ -30,11 +30,11 @@ import pytest
 
 from backupmx.config import Recipients
 from backupmx.mail.address import Address
+from backupmx.mail.reply import CalloutAnswer
 from backupmx.queue.state import Event
 from backupmx.queue.store import NewMessage, NewRecipient, Result, Store, new_queue_id, utcnow
 from backupmx.receive import recipients as recipients_module
 from backupmx.receive.recipients import (
-    CalloutAnswer,
     RecipientList,
     Status,
     Verifier,

@@ -27,7 +27,7 @@ import contextlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,7 +35,6 @@ from typing import Any
 import structlog
 
 from backupmx import metrics
-from backupmx.bounce.notices import Notices
 from backupmx.deliver.client import (
     ConnectFailed,
     PrimaryConnection,
@@ -50,7 +49,7 @@ from backupmx.deliver.route import Bounce, RoutePlan
 from backupmx.deliver.schedule import next_attempt
 from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
 from backupmx.queue.state import Event
-from backupmx.queue.store import Claim, Outbound, Result, Store, utcnow
+from backupmx.queue.store import Claim, NewMessage, Outbound, Result, Store, utcnow
 
 log = structlog.get_logger("backupmx.deliver")
 
@@ -78,13 +77,20 @@ class DeliverySettings:
     ca_file: str
 
 
+# The DSNs for one attempt's results (message, claims, outcomes, the host that
+# answered, whether it offered DSN): the bounce stage's, handed in by the application.
+ResultNotices = Callable[
+    [Outbound, Sequence[Claim], Sequence[Outcome], Target | None, bool], list[NewMessage]
+]
+
+
 class Deliverer:
     def __init__(
         self,
         store: Store,
         primaries: Primaries,
         pacers: Pacers,
-        notices: Notices,
+        notices: ResultNotices,
         settings: DeliverySettings,
         owner: str,
     ) -> None:
@@ -323,5 +329,5 @@ class Deliverer:
                 relay=str(where) if where else None,
                 reply=outcome.diagnostic,
             )
-        notices = self.notices.for_results(message, claims, outcomes, where, dsn_supported)
+        notices = self.notices(message, claims, outcomes, where, dsn_supported)
         await self.store.record(self.owner, results, notices)

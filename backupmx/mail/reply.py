@@ -80,3 +80,11 @@ def one_line(text: str) -> str:
     """`text` as one line of single spaces without controls or undecodable bytes: a
     multi-line reply for `last_error`, and every value a DSN quotes."""
     return " ".join(_CONTROL.sub(" ", _UNDECODABLE.sub("\ufffd", text)).split())
+
+
+@dataclass(frozen=True)
+class CalloutAnswer:
+    """A primary's answer to a recipient callout (RCPT without DATA)."""
+
+    code: int  # the primary's reply to RCPT; 0 when no primary answered
+    text: str

@@ -7,8 +7,9 @@ checked here, per domain (``recipients = …``):
 * ``"any"`` — every local part is accepted (``config check`` warns).
 * ``"list"`` — `RecipientList`: a file of addresses and ``@domain`` catch-alls,
   re-read when its mtime changes and on SIGHUP (a new policy loads it anew).
-* ``"verify"`` — `Verifier`: the primary is asked (`PrimaryCallout`: ``MAIL
-  FROM:<>``, ``RCPT TO:<address>``, ``QUIT``; never DATA) and its answer cached in
+* ``"verify"`` — `Verifier`: the primary is asked through the `Callout` that the
+  application hands in (deliver.callout: ``MAIL FROM:<>``, ``RCPT TO:<address>``,
+  ``QUIT``; never DATA) and its answer cached in
   the queue database, positive for ``verify_positive_ttl``, negative for
   ``verify_negative_ttl``.  Deliveries feed the same cache (`Store.learn_recipients`).
 
@@ -36,14 +37,12 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
-import aiosmtplib
 import structlog
 
 from backupmx.config import Config, Domain, Recipients
-from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
-from backupmx.deliver.route import Route, RoutePlan
 from backupmx.mail.address import Address
 from backupmx.mail.domains import DomainNames, normalize_domain
+from backupmx.mail.reply import CalloutAnswer
 from backupmx.queue.store import RecipientVerdict, Store, utcnow
 
 log = structlog.get_logger("backupmx.receive")
@@ -181,57 +180,7 @@ class RecipientPolicy:
 # --------------------------------------------------------------------------- verify
 
 
-@dataclass(frozen=True)
-class CalloutAnswer:
-    code: int  # the primary's reply to RCPT; 0 when no primary answered
-    text: str
-
-
 Callout = Callable[[str, str], Awaitable[CalloutAnswer]]  # (domain, address) -> answer
-
-
-class PrimaryCallout:
-    """Ask the domain's primary about an address with the delivery client.
-
-    Tries the route's hops in order until one answers; no STARTTLS (only the
-    address travels, and a callout must be quick).
-    """
-
-    def __init__(
-        self,
-        route: Callable[[str], Awaitable[Route]],
-        helo: str,
-        timeouts: Timeouts,
-    ) -> None:
-        self.route = route
-        self.helo = helo
-        self.timeouts = timeouts
-
-    async def __call__(self, domain: str, address: str) -> CalloutAnswer:
-        route = await self.route(domain)
-        if not isinstance(route, RoutePlan):
-            return CalloutAnswer(0, route.reason)
-        failures = []
-        for hop in route.hops:
-            where = Target(hop.host, hop.address, hop.port)
-            try:
-                connection = await connect(where, self.helo, "may", "", self.timeouts, False)
-            except ConnectFailed as error:
-                failures.append(str(error))
-                continue
-            try:
-                smtp = connection.smtp
-                mail = await smtp.execute_command(b"MAIL", b"FROM:<>")
-                if mail.code != 250:
-                    # A primary refusing the null sender cannot verify anything.
-                    return CalloutAnswer(0, f"{where} refused MAIL FROM:<>: {mail.code}")
-                rcpt = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
-                return CalloutAnswer(rcpt.code, " ".join(f"{rcpt.code} {rcpt.message}".split()))
-            except (aiosmtplib.SMTPException, OSError) as error:
-                failures.append(f"{where}: {error}")
-            finally:
-                await connection.close()
-        return CalloutAnswer(0, "; ".join(failures) or "no primary")
 
 
 class Verifier:
