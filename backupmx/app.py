@@ -8,9 +8,9 @@ delay warnings and lease recovery every minute).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
-configuration kept.  SIGTERM/SIGINT drain the listener (design.md §4), stop the
-deliverer, give back its leases and close the store, so nothing is left
-half-written.
+configuration kept.  SIGTERM/SIGINT drain the listener, stop the deliverer, give
+back its leases and close the store, so nothing is left half-written
+(docs/contracts.md#signals-and-systemd).
 
 Under systemd (``Type=notify``): READY=1 once the schema is migrated, the
 listeners are bound and the signal handlers are in place; STATUS= with the queue

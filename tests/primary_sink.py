@@ -13,7 +13,7 @@ The dump format (smtp-sink(1), DUMP FILE FORMAT) has LF line ends: smtp-sink
 strips each line's CRLF and writes LF, undoes dot-stuffing, and ends the record
 with an empty line.  `Dumped.content` is the message as the client sent it
 (after un-stuffing), with LF; compare it with ``stored.replace(b"\\r\\n", b"\\n")``
-— exact, because a stored body has no bare CR or LF (design.md invariant 6).
+— exact, because a stored body has no bare CR or LF (docs/queue.md#invariants, invariant 6).
 
 Every wait is bounded: start-up by `START_SECONDS`, stop by `STOP_SECONDS`.
 """

@@ -1,4 +1,4 @@
-"""Address parsing and the relay decision (design.md invariant 5)."""
+"""Address parsing and the relay decision (docs/queue.md#invariants, invariant 5)."""
 
 from __future__ import annotations
 

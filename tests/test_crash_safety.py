@@ -5,8 +5,8 @@ and record, client-side, every queue id from ``250 2.0.0 Ok: queued as ID``.
 Part-way through another thread SIGKILLs the server; the clients fail; the
 server is started again on the same configuration and SQLite file.  Every
 message a client saw ``250`` for must then be in the queue with all its
-recipients and the body it was sent (design.md invariant 1), and the SQLite
-file must pass ``PRAGMA integrity_check``.
+recipients and the body it was sent (invariant 1 of docs/queue.md#invariants),
+and the SQLite file must pass ``PRAGMA integrity_check``.
 """
 
 from __future__ import annotations

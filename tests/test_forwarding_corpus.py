@@ -3,7 +3,7 @@
 Every ``msg_*.txt`` of the running interpreter's ``test.test_email`` data is sent
 through `backupmx serve` with smtplib (line endings made CRLF first, as SMTP
 requires; smtplib dot-stuffs) to a static primary, Postfix's smtp-sink, which
-is up from the start.  For each file (design.md invariant 6):
+is up from the start.  For each file (docs/queue.md#invariants, invariant 6):
 
 * the stored body (``queue show --raw``) is our ``Received:`` field followed by
   the file exactly as sent (plus the CRLF that ends DATA's last line, if the file

@@ -1,6 +1,6 @@
 """Lifecycle and operator contracts of a real `backupmx serve` and the `backupmx` CLI.
 
-Signals (design.md §4): SIGTERM stops accepting, answers idle sessions
+Signals (docs/contracts.md#signals-and-systemd): SIGTERM stops accepting, answers idle sessions
 ``421 4.3.2``, lets a session in DATA finish and store its message, and exits 0
 within ``limits.drain_timeout``; SIGHUP reloads the configuration without
 dropping open sessions, and refuses a broken file while keeping the old one.

@@ -1,6 +1,6 @@
 """The spam-check hook against real SpamAssassin spamd and real rspamd (tests/spam_filters.py).
 
-Specification (issue "Protect", design.md §1): the check runs after DATA and
+Specification (issue "Protect", docs/receiving.md#spam-hook): the check runs after DATA and
 before the ``250``, on the message as it will be stored; ``reject`` answers
 ``550 5.7.1`` and queues nothing, ``defer`` ``451 4.7.1``, ``tag`` queues the
 message with ``X-Spam-*`` headers, ``accept`` queues it as is; the verdict and

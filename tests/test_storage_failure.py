@@ -1,4 +1,5 @@
-"""Storage failures answer 4xx, never 250 or 5xx, and the server recovers (design.md invariant 1).
+"""Storage failures answer 4xx, never 250 or 5xx, and the server recovers
+(docs/queue.md#invariants, invariant 1).
 
 Each test runs a real `backupmx serve` and breaks its real database underneath
 it: SQLite on a small tmpfs that the test fills up, SQLite write-locked by

@@ -1,4 +1,4 @@
-"""The ``backupmx`` command: one entry point, verbs of design.md §4.
+"""The ``backupmx`` command: one entry point, the verbs of docs/contracts.md#command-line.
 
 Exit status: 0 ok, 1 the operation failed (unknown queue id, database down),
 2 usage or configuration error (the message names the key and the problem).

@@ -1,7 +1,7 @@
 """``backupmx queue …``: list, show, export, hold, release, requeue, delete, flush, bounce, stats.
 
 Human output is a table sized to its content; ``--json`` output keeps the
-field names of design.md §4, which outside scripts rely on.  The commands work
+field names of docs/contracts.md#json-output, which outside scripts rely on.  The commands work
 through the queue store while ``serve`` runs (SQLite WAL with a busy timeout,
 or PostgreSQL), so an admin never has to stop the server.
 

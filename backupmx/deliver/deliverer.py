@@ -1,6 +1,7 @@
 """The delivery loop: due recipients → routes → paced connections → results in the store.
 
-Theory of operation (the layers of style.md, each owning one concern):
+Theory of operation (the layers of docs/delivering.md#the-delivery-loop, each owning
+one concern):
 
 1. `Deliverer.run` claims due recipients under a lease (several nodes may share
    the queue) while fewer than `IN_FLIGHT` are being worked on, and wakes at once

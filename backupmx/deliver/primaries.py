@@ -4,7 +4,8 @@ Promises:
 
 * A domain moves ``down → up`` (or ``unknown → up``) on the first successful
   probe or delivery, and at that moment all its queued recipients become due —
-  not at their next backoff time — and the deliverer is woken (design.md §3).
+  not at their next backoff time — and the deliverer is woken
+  (docs/delivering.md#probes-and-the-primarys-state).
 * Probes (TCP connect, EHLO, QUIT; no mail) run for every domain with queued
   mail, against the best host of its route, every ``probe_interval``.  Each
   domain's probe is a task of its own: a primary may take minutes to greet

@@ -1,8 +1,8 @@
 """The intake: a child process that commits received messages to the queue store.
 
 Theory of operation.  A session answers ``250`` only once its message and all
-its recipients are committed (design.md invariant 1), so the commit is on the
-path of every message.  Done by a thread of the receiving process it was the
+its recipients are committed (invariant 1 of docs/queue.md#invariants), so the
+commit is on the path of every message.  Done by a thread of the receiving process it was the
 limit of accept throughput: the thread and the event loop share the GIL, and
 every return from SQLite or from fsync waited for the busy loop (10 KiB
 messages, 10 sessions: a batch of four took 2.3 ms instead of 0.4 ms, and the

@@ -1,6 +1,7 @@
 """Greylisting by (client network, sender, recipient) triplet, kept in the queue database.
 
-A backup MX without the primary's greylisting is the way around it (anchors.md),
+A backup MX without the primary's greylisting is the way around it (see
+docs/receiving.md#why-a-backup-checks-so-much),
 so the backup can greylist too: the first delivery attempt of a triplet is
 answered ``450 4.7.1``; a retry after ``greylist.delay`` (and within
 ``retry_window``) passes, and the triplet then stays passed for ``pass_ttl``

@@ -1,7 +1,8 @@
 """Which recipients exist: per domain "any", a "list" file, or "verify" by callout.
 
 A backup that accepts mail for users the primary does not have must later bounce
-it to senders that are usually forged (backscatter, anchors.md).  So RCPT is
+it to senders that are usually forged (backscatter,
+docs/receiving.md#why-a-backup-checks-so-much).  So RCPT is
 checked here, per domain (``recipients = …``):
 
 * ``"any"`` — every local part is accepted (``config check`` warns).
