@@ -51,7 +51,8 @@ from backupmx.mail.address import RelayDomains
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
-from backupmx.queue.store import DomainState, Stats, Store, utcnow, waiting
+from backupmx.queue.records import DomainState, Stats, utcnow, waiting
+from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx")
 

@@ -31,7 +31,8 @@ import pytest
 
 from backupmx.config import Dnsbl, DnsblZone
 from backupmx.queue.database import upgrade
-from backupmx.queue.store import Store, utcnow
+from backupmx.queue.records import utcnow
+from backupmx.queue.store import Store
 from backupmx.receive.clients import ClientRates
 from backupmx.receive.dnsbl import listed, query_name
 from backupmx.receive.greylist import client_network

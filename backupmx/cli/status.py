@@ -29,7 +29,7 @@ from backupmx.config import Config
 from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, safe_url
-from backupmx.queue.store import DomainState, Stats, waiting
+from backupmx.queue.records import DomainState, Stats, waiting
 
 HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
 BAR_WIDTH = 40

@@ -30,7 +30,8 @@ import structlog
 
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
 from backupmx.deliver.route import Bounce, Hop, Identity, Route, RoutePlan, plan
-from backupmx.queue.store import Store, utcnow
+from backupmx.queue.records import utcnow
+from backupmx.queue.store import Store
 from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx.deliver")
