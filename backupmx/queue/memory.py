@@ -3,7 +3,8 @@
 * The recipient-verification cache (Postfix's verify(8) database): what the
   primary said of an address, from a callout or from a delivery, until it
   expires.  `learn_recipients` feeds it from finished deliveries.
-* Greylisting triplets and when each was seen and passed.
+* Greylisting triplets and when each was seen and passed (the policy that
+  decides is the receive stage's, handed in as a function).
 * The spam check's verdict on a queued message.
 
 The receive stage decides what these mean (`backupmx.receive.recipients`,
@@ -16,21 +17,25 @@ longer matter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy import Table, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import greylist, messages, recipient_verdicts, recipients
-from backupmx.queue.records import RecipientVerdict, SpamRecord, UnknownMessage, utcnow
+from backupmx.queue.records import (
+    GreylistEntry,
+    RecipientVerdict,
+    SpamRecord,
+    Triplet,
+    UnknownMessage,
+    utcnow,
+)
 from backupmx.queue.state import State
-
-# A passed greylist triplet's last_seen is rewritten at most this often, so that
-# mail from a known sender does not cost a write per recipient.
-GREYLIST_REFRESH = timedelta(minutes=10)
 
 
 class Memory(QueueDatabase):
@@ -106,51 +111,29 @@ class Memory(QueueDatabase):
 
     async def greylist(
         self,
-        client_net: str,
-        sender: str,
-        recipient: str,
-        *,
-        delay: timedelta,
-        retry_window: timedelta,
-        pass_ttl: timedelta,
-        now: datetime | None = None,
+        triplet: Triplet,
+        decide: Callable[[GreylistEntry | None], tuple[GreylistEntry, float]],
     ) -> float:
-        """Seconds this triplet must still wait before it passes; 0.0 when it passes.
-
-        A new triplet (or one that came back too late, or was last seen longer than
-        `pass_ttl` ago) starts waiting now; one retried after `delay` passes and stays
-        passed while it is seen at least every `pass_ttl`."""
-        now = now or utcnow()
+        """Read the triplet's entry, let `decide` (the receive stage's policy) say what
+        it becomes and how long the triplet must still wait, and write the entry if it
+        changed, all in one transaction; return the wait (0.0: it passes)."""
         key = (
-            (greylist.c.client_net == client_net)
-            & (greylist.c.sender == sender)
-            & (greylist.c.recipient == recipient)
+            (greylist.c.client_net == triplet.client_net)
+            & (greylist.c.sender == triplet.sender)
+            & (greylist.c.recipient == triplet.recipient)
         )
         async with self.engine.begin() as conn:
             row = (await conn.execute(select(greylist).where(key))).first()
-            stale = row is not None and (
-                now - row.last_seen > pass_ttl
-                if row.passed_at is not None
-                else now - row.first_seen > delay + retry_window
+            entry = (
+                None if row is None else GreylistEntry(row.first_seen, row.last_seen, row.passed_at)
             )
-            if row is None or stale:
-                fresh = {
-                    "client_net": client_net, "sender": sender, "recipient": recipient,
-                    "first_seen": now, "last_seen": now, "passed_at": None,
-                }  # fmt: skip
+            decided, wait = decide(entry)
+            if decided != entry:
+                values = {**asdict(triplet), **asdict(decided)}
                 await conn.execute(
-                    self._upsert(greylist, ["client_net", "sender", "recipient"], fresh), fresh
+                    self._upsert(greylist, ["client_net", "sender", "recipient"], values), values
                 )
-                return delay.total_seconds()
-            if row.passed_at is not None:
-                if now - row.last_seen > GREYLIST_REFRESH:
-                    await conn.execute(update(greylist).where(key).values(last_seen=now))
-                return 0.0
-            waited = now - row.first_seen
-            if waited < delay:
-                return float((delay - waited).total_seconds())
-            await conn.execute(update(greylist).where(key).values(passed_at=now, last_seen=now))
-            return 0.0
+        return wait
 
     async def prune_protection(self, greylist_before: datetime, now: datetime | None = None) -> int:
         """Drop expired verification verdicts and greylist triplets last seen before

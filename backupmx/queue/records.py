@@ -201,6 +201,24 @@ class RecipientVerdict:
 
 
 @dataclass(frozen=True)
+class Triplet:
+    """The greylisting key: client network (/24 or /64), envelope sender, recipient."""
+
+    client_net: str
+    sender: str
+    recipient: str
+
+
+@dataclass(frozen=True)
+class GreylistEntry:
+    """What the queue remembers of a triplet (the receive stage decides what it means)."""
+
+    first_seen: datetime
+    last_seen: datetime
+    passed_at: datetime | None  # None while the triplet waits out its delay
+
+
+@dataclass(frozen=True)
 class SpamRecord:
     verdict: str | None
     score: float | None
