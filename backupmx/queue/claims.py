@@ -28,7 +28,16 @@ from sqlalchemy import func, select, update
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import domains, messages, recipients
 from backupmx.queue.records import Claim, Outbound, utcnow
-from backupmx.queue.state import Event, State, sources, target
+from backupmx.queue.state import (
+    Event,
+    PrimaryEvent,
+    PrimaryState,
+    State,
+    primary_sources,
+    primary_target,
+    sources,
+    target,
+)
 
 OUTBOUND_COLUMNS = [
     messages.c.id, messages.c.sender, messages.c.body, messages.c.size, messages.c.body_type,
@@ -55,7 +64,7 @@ class Claims(QueueDatabase):
         holding mail for a dead primary does not knock on its door with every message.
         """
         now = now or utcnow()
-        down = select(domains.c.name).where(domains.c.state == "down")
+        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
         due = (
             select(recipients.c.id)
             .where(
@@ -111,7 +120,7 @@ class Claims(QueueDatabase):
         a probe finds the primary back and `make_due` releases them).  New mail for a
         dead primary is touched once here instead of being scanned by every claim."""
         now = now or utcnow()
-        down = select(domains.c.name).where(domains.c.state == "down")
+        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
         async with self.engine.begin() as conn:
             outcome = await conn.execute(
                 update(recipients)
@@ -144,16 +153,17 @@ class Claims(QueueDatabase):
     ) -> int:
         """Queued recipients (of a domain, of some messages, or all) become due now:
         a flush, an ETRN, or a primary that came back.  With `retry_down` (an
-        operator's flush), domains marked down are tried again too."""
+        operator's flush), domains marked down are tried again too (RETRY)."""
         now = now or utcnow()
         if retry_down:
             async with self.engine.begin() as conn:
                 await conn.execute(
                     update(domains)
                     .where(
-                        domains.c.state == "down", *([domains.c.name == domain] if domain else [])
+                        domains.c.state.in_(primary_sources(PrimaryEvent.RETRY)),
+                        *([domains.c.name == domain] if domain else []),
                     )
-                    .values(state="unknown", since=now, updated_at=now)
+                    .values(state=primary_target(PrimaryEvent.RETRY), since=now, updated_at=now)
                 )
         condition = [recipients.c.state == State.QUEUED.value, recipients.c.next_attempt_at > now]
         if domain is not None:

@@ -1,11 +1,12 @@
 """The domains table: what the deliverer knows of each destination, for every node.
 
-The deliverer (`backupmx.deliver.primaries`) decides a domain's primary state;
-this file only keeps it, with the route in use, why mail waits, and the last
-probe, so that ``backupmx domains``, ``status``, the metrics and every node
-sharing the queue see the same.  A domain's row is created by its first report,
-in state ``unknown``.  `claim` and `park_down` (`backupmx.queue.claims`) read
-the state to leave a dead primary's mail alone.
+The deliverer (`backupmx.deliver.primaries`) decides a domain's primary state
+(by the table `PRIMARY_TRANSITIONS` of `backupmx.queue.state`); this file only
+keeps it, with the route in use, why mail waits, and the last probe, so that
+``backupmx domains``, ``status``, the metrics and every node sharing the queue
+see the same.  A domain's row is created by its first report, in state
+``unknown``.  `claim` and `park_down` (`backupmx.queue.claims`) read the state
+to leave a dead primary's mail alone.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from sqlalchemy import insert, select, update
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import domains, recipients
 from backupmx.queue.records import DomainState, utcnow
-from backupmx.queue.state import State
+from backupmx.queue.state import PrimaryState, State
 
 
 class Domains(QueueDatabase):
     async def set_domain_state(
         self,
         name: str,
-        state: str | None = None,
+        state: PrimaryState | None = None,
         *,
         route: str | None = None,
         reason: str | None = None,
@@ -47,7 +48,7 @@ class Domains(QueueDatabase):
             if changed:
                 values["state"], values["since"] = state, now
             if row is None:
-                values.setdefault("state", "unknown")
+                values.setdefault("state", PrimaryState.UNKNOWN)
                 values.setdefault("since", now)
                 await conn.execute(insert(domains).values(name=name, **values))
             else:
@@ -59,7 +60,13 @@ class Domains(QueueDatabase):
             rows = (await conn.execute(select(domains))).all()
         return {
             r.name: DomainState(
-                r.name, r.state, r.since, r.route, r.reason, r.last_probe_at, r.last_probe_result
+                r.name,
+                PrimaryState(r.state),
+                r.since,
+                r.route,
+                r.reason,
+                r.last_probe_at,
+                r.last_probe_result,
             )
             for r in rows
         }

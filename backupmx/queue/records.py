@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from backupmx.queue.state import Event, State
+from backupmx.queue.state import Event, PrimaryState, State
 
 
 def new_queue_id() -> str:
@@ -166,7 +166,7 @@ class Result:
 @dataclass(frozen=True)
 class DomainState:
     name: str
-    state: str  # up, down, unknown
+    state: PrimaryState
     since: datetime
     route: str | None
     reason: str | None
