@@ -42,9 +42,15 @@ from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx.deliver")
 
+# Seconds a domain's route is reused.  Not a setting: it only spares DNS the same
+# question once per message of a flush; it is shorter than MX records' TTLs in
+# practice (an hour is usual), DNS changes are seen within half a minute, and a
+# probe always resolves afresh.
 ROUTE_TTL = 30.0
-# A domain's unchanged state is rewritten at most this often (every delivery
+# Seconds within which a domain's unchanged state is not rewritten (every delivery
 # reports it; a flush of thousands of messages must not write thousands of rows).
+# Not a setting: a change of state is always written at once; this only bounds
+# how stale the ``updated_at``, route and reason of an unchanged state can be.
 STATE_REFRESH = 10.0
 
 
