@@ -45,8 +45,9 @@ from backupmx.mail.domains import DomainNames
 from backupmx.mail.hosts import parse_host_port
 from backupmx.notify import Notifier
 from backupmx.queue.database import safe_url, upgrade
+from backupmx.queue.records import NewMessage, Overdue, utcnow
 from backupmx.queue.state import Event
-from backupmx.queue.store import NewMessage, Overdue, Store, utcnow
+from backupmx.queue.store import Store
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.listener import Listener
 from backupmx.receive.policy import policy_from

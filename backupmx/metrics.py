@@ -51,7 +51,9 @@ from backupmx.mail.address import RelayDomains
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
-from backupmx.queue.store import DomainState, Stats, Store, utcnow, waiting
+from backupmx.queue.records import DomainState, Stats, utcnow, waiting
+from backupmx.queue.state import PrimaryState
+from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx")
 
@@ -269,7 +271,9 @@ class QueueView:
             f"queue: {self.stats.messages} message(s), {waiting(counts)} recipient(s) waiting, "
             f"{counts.get('held', 0)} held"
         )
-        down = sorted(n for n, s in self.states.items() if s.state == "down" and _is_ours(n))
+        down = sorted(
+            n for n, s in self.states.items() if s.state == PrimaryState.DOWN and _is_ours(n)
+        )
         if down:
             text += "; primary down: " + ", ".join(down)
         return text
@@ -295,8 +299,8 @@ class QueueView:
         PRIMARY_UP.clear()
         PRIMARY_SINCE.clear()
         for name, known in self.states.items():
-            if known.state in ("up", "down") and _is_ours(name):
-                PRIMARY_UP.labels(name).set(1 if known.state == "up" else 0)
+            if known.state in (PrimaryState.UP, PrimaryState.DOWN) and _is_ours(name):
+                PRIMARY_UP.labels(name).set(1 if known.state == PrimaryState.UP else 0)
                 PRIMARY_SINCE.labels(name).set(known.since.timestamp())
 
 

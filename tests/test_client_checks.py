@@ -23,18 +23,20 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backupmx.config import Dnsbl, DnsblZone
+from backupmx.config import Dnsbl, DnsblZone, Greylist
 from backupmx.queue.database import upgrade
-from backupmx.queue.store import Store, utcnow
+from backupmx.queue.records import Triplet, utcnow
+from backupmx.queue.store import Store
 from backupmx.receive.clients import ClientRates
 from backupmx.receive.dnsbl import listed, query_name
-from backupmx.receive.greylist import client_network
+from backupmx.receive.greylist import client_network, decide
 from backupmx.receive.proxy import ProxyError, parse_v1, parse_v2
 from backupmx.resolver import Addresses, NxDomain
 from conftest import DOMAIN, ServerProcess
@@ -111,20 +113,20 @@ async def test_greylist_triplets_in_the_store_wait_pass_and_expire(database_url:
     store = Store.open(database_url)
     await upgrade(store.engine)
     try:
-        windows = {
-            "delay": timedelta(minutes=5),
-            "retry_window": timedelta(days=2),
-            "pass_ttl": timedelta(days=35),
-        }
+        settings = Greylist(delay=300, retry_window=2 * 86400, pass_ttl=35 * 86400)
+        triplet = Triplet("192.0.2.0/24", "s@sender.test", "bob@example.test")
+
+        async def seen(now: datetime) -> float:
+            return await store.greylist(triplet, partial(decide, now=now, settings=settings))
+
         t0 = utcnow()
-        triplet = ("192.0.2.0/24", "s@sender.test", "bob@example.test")
-        assert await store.greylist(*triplet, now=t0, **windows) == 300.0
-        assert await store.greylist(*triplet, now=t0 + timedelta(minutes=1), **windows) == 240.0
-        assert await store.greylist(*triplet, now=t0 + timedelta(minutes=6), **windows) == 0.0
+        assert await seen(t0) == 300.0
+        assert await seen(t0 + timedelta(minutes=1)) == 240.0
+        assert await seen(t0 + timedelta(minutes=6)) == 0.0
         later = t0 + timedelta(days=30)
-        assert await store.greylist(*triplet, now=later, **windows) == 0.0  # still passed
+        assert await seen(later) == 0.0  # still passed
         gone = later + timedelta(days=36)
-        assert await store.greylist(*triplet, now=gone, **windows) == 300.0  # starts over
+        assert await seen(gone) == 300.0  # starts over
         assert await store.prune_protection(gone + timedelta(seconds=1), now=gone) == 1
     finally:
         await store.close()

@@ -10,7 +10,7 @@ from typing import Any
 from backupmx.deliver.client import PrimaryConnection, Target, Timeouts
 from backupmx.mail.reply import Verdict
 from backupmx.mail.wire import on_the_wire
-from backupmx.queue.store import Outbound
+from backupmx.queue.records import Outbound
 
 
 def connection(features: dict[str, str]) -> PrimaryConnection:

@@ -47,7 +47,7 @@ from backupmx.bounce.notices import Notices
 from backupmx.deliver.client import Target
 from backupmx.deliver.route import Bounce, Defer, Identity, RoutePlan, plan, route_literal
 from backupmx.mail.reply import bounced, classify, deferred
-from backupmx.queue.store import Claim, Outbound
+from backupmx.queue.records import Claim, Outbound
 from conftest import ServerProcess, free_port
 from dns_server import Dnsmasq, dns_zone
 from primary_sink import PickyPrimary, StrictSink, Transaction, transport_problem

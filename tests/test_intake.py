@@ -18,14 +18,14 @@ import pytest
 
 from backupmx.queue.database import upgrade
 from backupmx.queue.intake import Intake, IntakeError
-from backupmx.queue.store import (
+from backupmx.queue.records import (
     BytesBody,
     NewMessage,
     NewRecipient,
-    Store,
     UnknownMessage,
     new_queue_id,
 )
+from backupmx.queue.store import Store
 from conftest import DOMAIN, ServerProcess
 from smtp_client import RawClient, queue_id
 

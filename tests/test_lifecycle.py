@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from backupmx.queue.database import upgrade
-from backupmx.queue.store import BytesBody, NewMessage, NewRecipient, Store, new_queue_id
+from backupmx.queue.records import BytesBody, NewMessage, NewRecipient, new_queue_id
+from backupmx.queue.store import Store
 from conftest import DOMAIN, ServerProcess
 from smtp_client import RawSession
 

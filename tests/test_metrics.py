@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backupmx import metrics
 from backupmx.mail.address import RelayDomains
-from backupmx.queue.store import DomainState, DomainStats, Stats, utcnow
+from backupmx.queue.records import DomainState, DomainStats, Stats, utcnow
 from conftest import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess, free_port, wait_for_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

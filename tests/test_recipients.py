@@ -31,8 +31,9 @@ import pytest
 from backupmx.config import Recipients
 from backupmx.mail.address import Address
 from backupmx.mail.reply import CalloutAnswer
+from backupmx.queue.records import NewMessage, NewRecipient, Result, new_queue_id, utcnow
 from backupmx.queue.state import Event
-from backupmx.queue.store import NewMessage, NewRecipient, Result, Store, new_queue_id, utcnow
+from backupmx.queue.store import Store
 from backupmx.receive import recipients as recipients_module
 from backupmx.receive.recipients import (
     RecipientList,

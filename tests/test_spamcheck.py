@@ -29,7 +29,7 @@ import pytest
 from spam_filters import GTUBE, Rspamd, Spamd
 
 from backupmx.config import SpamCheck
-from backupmx.queue.store import BytesBody
+from backupmx.queue.records import BytesBody
 from backupmx.receive.spamcheck import (
     CheckFailed,
     Facts,

@@ -26,7 +26,8 @@ import pytest
 from backupmx.cli.queue import Progress
 from backupmx.cli.status import bar_chart
 from backupmx.queue.database import upgrade
-from backupmx.queue.store import BytesBody, NewMessage, NewRecipient, Store, new_queue_id, utcnow
+from backupmx.queue.records import BytesBody, NewMessage, NewRecipient, new_queue_id, utcnow
+from backupmx.queue.store import Store
 from conftest import free_port, write_config
 
 BODY = b"Received: from client.test\r\nSubject: held\r\n\r\nbody line\r\n"

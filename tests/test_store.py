@@ -11,16 +11,16 @@ from sqlalchemy import MetaData
 
 from backupmx.mail.reply import classify
 from backupmx.queue.models import metadata
-from backupmx.queue.state import Event
-from backupmx.queue.store import (
+from backupmx.queue.records import (
     NewMessage,
     NewRecipient,
     Result,
-    Store,
     UnknownMessage,
     new_queue_id,
     utcnow,
 )
+from backupmx.queue.state import Event
+from backupmx.queue.store import Store
 from backupmx.queue.writer import GroupCommitWriter
 from backupmx.receive.spool import Spool
 

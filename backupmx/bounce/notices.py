@@ -35,7 +35,7 @@ from backupmx.bounce.dsn import (
 )
 from backupmx.mail.domains import routing_domain
 from backupmx.mail.reply import Outcome, Verdict
-from backupmx.queue.store import (
+from backupmx.queue.records import (
     BytesBody,
     Claim,
     NewMessage,

@@ -18,6 +18,7 @@ from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.cli.status import domain_lines
 from backupmx.config import Config
 from backupmx.mail.domains import normalize_domain
+from backupmx.queue.state import PrimaryState
 
 
 def add_parsers(verbs: Any) -> None:
@@ -64,7 +65,9 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
                     str(r["queued"]),
                     str(r["held"]),
                     _age(_parse(r["oldest_received_at"])) if r["oldest_received_at"] else "-",
-                    (r["reason"] or r["route"] or "") if r["state"] != "up" else (r["route"] or ""),
+                    (r["reason"] or r["route"] or "")
+                    if r["state"] != PrimaryState.UP
+                    else (r["route"] or ""),
                 ]
                 for r in rows
             ],
@@ -105,7 +108,7 @@ async def run_probe(args: argparse.Namespace, config: Config) -> int:
         print(f"{domain}: {kind}: {describe(route)}")
         for where, result, seconds in tries:
             print(f"  {where}  {seconds * 1000:.0f} ms  {result}")
-        print(f"primary {'up' if up else 'down'}")
+        print(f"primary {PrimaryState.UP if up else PrimaryState.DOWN}")
     return 0 if up else 1
 
 

@@ -22,7 +22,7 @@ from backupmx.cli import queue as queue_commands
 from backupmx.cli import status as status_commands
 from backupmx.logs import configure as configure_logs
 from backupmx.queue.database import safe_url
-from backupmx.queue.store import UnknownMessage
+from backupmx.queue.records import UnknownMessage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,15 +38,9 @@ from backupmx.cli import CommandError
 from backupmx.config import Config, parse_duration
 from backupmx.mail.domains import normalize_domain
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
+from backupmx.queue.records import MessageView, RecipientView, SpamRecord, Stats, oldest_first
 from backupmx.queue.state import FINAL, Event, State
-from backupmx.queue.store import (
-    MessageView,
-    RecipientView,
-    SpamRecord,
-    Stats,
-    Store,
-    oldest_first,
-)
+from backupmx.queue.store import Store
 
 ACTIONS = ("hold", "release", "requeue", "delete", "bounce")
 BATCH = 500  # message IDs per store call in a bulk action: one transaction each

@@ -29,7 +29,8 @@ from backupmx.config import Config
 from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, safe_url
-from backupmx.queue.store import DomainState, Stats, waiting
+from backupmx.queue.records import DomainState, Stats, waiting
+from backupmx.queue.state import PrimaryState
 
 HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
 BAR_WIDTH = 40
@@ -55,7 +56,7 @@ def add_parser(verbs: Any) -> None:
 class DomainLine:
     name: str
     backed_up: bool
-    state: str  # up, down, unknown
+    state: PrimaryState
     since: datetime | None
     queued: int  # queued or being sent
     held: int
@@ -96,7 +97,7 @@ def domain_lines(
             DomainLine(
                 name=name,
                 backed_up=backed_up.covers(name),
-                state=state.state if state else "unknown",
+                state=state.state if state else PrimaryState.UNKNOWN,
                 since=state.since if state else None,
                 queued=waiting(counts),
                 held=counts.get("held", 0),

@@ -37,7 +37,7 @@ import aiosmtplib
 from backupmx.deliver.route import is_ip
 from backupmx.mail.reply import Outcome, bounced, classify, deferred
 from backupmx.mail.wire import on_the_wire
-from backupmx.queue.store import Claim, Outbound
+from backupmx.queue.records import Claim, Outbound
 
 
 class ConnectFailed(Exception):

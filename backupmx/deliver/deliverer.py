@@ -49,8 +49,9 @@ from backupmx.deliver.primaries import Primaries, describe, target
 from backupmx.deliver.route import Bounce, RoutePlan
 from backupmx.deliver.schedule import next_attempt
 from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
+from backupmx.queue.records import Claim, NewMessage, Outbound, Result, utcnow
 from backupmx.queue.state import Event
-from backupmx.queue.store import Claim, NewMessage, Outbound, Result, Store, utcnow
+from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx.deliver")
 

@@ -14,6 +14,11 @@ Promises:
 * State is written to the ``domains`` table, so ``backupmx domains`` and every
   node sharing the queue see it.
 
+The state follows the table of `backupmx.queue.state` (`PRIMARY_TRANSITIONS`);
+what this process remembers of each domain (the state it last wrote, since when
+the primary is up, its first failure since the last success) is one `Primary`
+record, so the deliverer's views of a domain cannot disagree.
+
 Routes are cached for `ROUTE_TTL` seconds so that a flush of thousands of
 messages does not ask DNS thousands of times.
 """
@@ -24,21 +29,29 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import structlog
 
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
 from backupmx.deliver.route import Bounce, Hop, Identity, Route, RoutePlan, plan
-from backupmx.queue.store import Store, utcnow
+from backupmx.queue.records import utcnow
+from backupmx.queue.state import PrimaryEvent, PrimaryState, next_primary_state, primary_target
+from backupmx.queue.store import Store
 from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx.deliver")
 
+# Seconds a domain's route is reused.  Not a setting: it only spares DNS the same
+# question once per message of a flush; it is shorter than MX records' TTLs in
+# practice (an hour is usual), DNS changes are seen within half a minute, and a
+# probe always resolves afresh.
 ROUTE_TTL = 30.0
-# A domain's unchanged state is rewritten at most this often (every delivery
+# Seconds within which a domain's unchanged state is not rewritten (every delivery
 # reports it; a flush of thousands of messages must not write thousands of rows).
+# Not a setting: a change of state is always written at once; this only bounds
+# how stale the ``updated_at``, route and reason of an unchanged state can be.
 STATE_REFRESH = 10.0
 
 
@@ -50,6 +63,17 @@ class DomainPolicy:
     on_primary_5xx: str = "bounce"
     hold_window: float = 3600.0
     tls: str = "may"
+
+
+@dataclass(frozen=True)
+class Primary:
+    """What this process knows of one domain's primary, in one record so that its
+    facts cannot drift apart."""
+
+    written: PrimaryState | None = None  # the state this process last wrote; None: none yet
+    written_at: float = 0.0  # when (monotonic), for STATE_REFRESH
+    up_since: datetime | None = None  # when this process saw it come up (the hold window)
+    failed: tuple[float, str] | None = None  # first failure since the last success: when, why
 
 
 def describe(route: Route) -> str:
@@ -82,9 +106,7 @@ class Primaries:
         self.timeouts = timeouts
         self.on_up: Callable[[str], None] = lambda domain: None  # the deliverer's wake-up
         self._routes: dict[str, tuple[float, Route]] = {}
-        self._up_since: dict[str, datetime] = {}
-        self._written: dict[str, tuple[bool, float]] = {}
-        self._down: dict[str, tuple[float, str]] = {}  # monotonic time it failed, why
+        self._known: dict[str, Primary] = {}
         self._rng = random.Random()
         self._probing: dict[str, asyncio.Task[None]] = {}  # domain -> its probe in flight
 
@@ -124,49 +146,55 @@ class Primaries:
         policy = self.policies(domain)
         if policy.on_primary_5xx != "hold":
             return False
-        since = self._up_since.get(domain)  # unknown (e.g. after a restart): stay careful
+        since = self._primary(domain).up_since  # unknown (e.g. after a restart): stay careful
         return since is None or utcnow() - since < timedelta(seconds=policy.hold_window)
 
     async def observed(
         self, domain: str, up: bool, detail: str, route: Route | None = None
     ) -> None:
         """A delivery or probe result: record it; on down → up, release the domain's mail."""
-        if up:
-            self._down.pop(domain, None)
-        elif domain not in self._down:
-            self._down[domain] = (time.monotonic(), detail)
-        last = self._written.get(domain)
-        if last and last[0] == up and time.monotonic() - last[1] < STATE_REFRESH:
+        known = self._primary(domain)
+        failed = None if up else known.failed or (time.monotonic(), detail)
+        event = PrimaryEvent.ANSWERED if up else PrimaryEvent.UNREACHABLE
+        state = next_primary_state(known.written or PrimaryState.UNKNOWN, event)
+        if known.written == state and time.monotonic() - known.written_at < STATE_REFRESH:
+            self._known[domain] = replace(known, failed=failed)
             return
-        self._written[domain] = (up, time.monotonic())
+        self._known[domain] = replace(
+            known, written=state, written_at=time.monotonic(), failed=failed
+        )
         changed = await self.store.set_domain_state(
             domain,
-            "up" if up else "down",
+            state,
             route=describe(route) if route is not None else None,
             reason="" if up else detail,
         )
         if changed:
+            up_since = utcnow() if up else None
+            self._known[domain] = replace(self._primary(domain), up_since=up_since)
             if up:
-                self._up_since[domain] = utcnow()
                 released = await self.store.make_due(domain=domain)
                 log.info("primary_up", domain=domain, released=released, detail=detail)
                 self.on_up(domain)
             else:
-                self._up_since.pop(domain, None)
                 log.info("primary_down", domain=domain, detail=detail)
 
     def claimed(self, domain: str) -> None:
         """Recipients of `domain` were claimed.  The store never hands out a domain
         marked down, so if this process last wrote "down", something else (an
-        operator's flush, ETRN) has reset it: the next result must be written
-        again, not skipped as a repeat."""
-        last = self._written.get(domain)
-        if last and not last[0]:
-            del self._written[domain]
+        operator's flush, ETRN) has retried it: the record follows, so that the next
+        result is written again, not skipped as a repeat."""
+        known = self._primary(domain)
+        if known.written is PrimaryState.DOWN:
+            retried = next_primary_state(known.written, PrimaryEvent.RETRY)
+            self._known[domain] = replace(known, written=retried)
 
     def down_since(self, domain: str) -> tuple[float, str] | None:
         """When (monotonic) and why this process last saw the domain fail, if it is down."""
-        return self._down.get(domain)
+        return self._primary(domain).failed
+
+    def _primary(self, domain: str) -> Primary:
+        return self._known.get(domain, Primary())
 
     async def probe_all(self) -> None:
         """The scheduled job: start a probe for every domain with queued mail that has
@@ -200,16 +228,16 @@ class Primaries:
         if isinstance(route, Bounce):
             # Nothing to wait for: the deliverer bounces the domain's mail at once.
             await self.store.set_domain_state(
-                domain, "unknown", route=describe(route), reason=route.reason,
-                probe_result=route.reason,
+                domain, primary_target(PrimaryEvent.NO_PRIMARY), route=describe(route),
+                reason=route.reason, probe_result=route.reason,
             )  # fmt: skip
             await self.store.make_due(domain=domain, retry_down=True)
             self.on_up(domain)
             return route, tries
         if not isinstance(route, RoutePlan):
             await self.store.set_domain_state(
-                domain, "down", route=describe(route), reason=route.reason,
-                probe_result=route.reason,
+                domain, primary_target(PrimaryEvent.UNREACHABLE), route=describe(route),
+                reason=route.reason, probe_result=route.reason,
             )  # fmt: skip
             return route, tries
         for hop in route.hops:

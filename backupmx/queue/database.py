@@ -10,17 +10,24 @@ PostgreSQL: psycopg 3, default (durable) commit.
 
 `storage_full` recognises "disk full" on both backends, so that the receiver
 can answer ``452 4.3.1`` instead of the generic ``451 4.3.0``.
+
+`QueueDatabase` is what the store's role files (`backupmx.queue.store`) share:
+the engine, its backend's name, and the check that queue ids exist.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from backupmx.queue.models import messages
+from backupmx.queue.records import UnknownMessage
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg"}
@@ -55,6 +62,28 @@ def open_writer_engine(url: str) -> Engine:
         _setup_sqlite(engine)
         return engine
     return create_engine(full, pool_size=1, max_overflow=0, pool_pre_ping=True)
+
+
+class QueueDatabase:
+    """The queue database as every role of the store uses it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = open_engine(url)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @staticmethod
+    async def _require(conn: AsyncConnection, ids: Sequence[str]) -> None:
+        """Raise `UnknownMessage` naming the ids that are not in the queue."""
+        found = set(
+            (await conn.execute(select(messages.c.id).where(messages.c.id.in_(ids)))).scalars()
+        )
+        missing = set(ids) - found
+        if missing:
+            raise UnknownMessage(missing)
 
 
 def _setup_sqlite(engine: Engine) -> None:

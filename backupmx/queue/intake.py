@@ -51,25 +51,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 import structlog
+from sqlalchemy.engine import Engine
 
 from backupmx import logs
 from backupmx.queue.database import open_writer_engine, storage_full
-
-if TYPE_CHECKING:
-    from datetime import datetime
-
-    from sqlalchemy.engine import Engine
-
-    from backupmx.queue.store import Inserter, NewMessage
+from backupmx.queue.inserter import Inserter
+from backupmx.queue.records import NewMessage, utcnow
+from backupmx.queue.writer import MAX_BATCH, MAX_BATCH_BYTES
 
 log = structlog.get_logger("backupmx.queue")
 
 _LENGTH = struct.Struct("!I")
-MAX_BATCH = 256  # messages per transaction
-MAX_BATCH_BYTES = 32 * 1024 * 1024  # body bytes per transaction
 RESTART_INTERVAL = 1.0  # seconds between starts of a failing intake process
 START_TIMEOUT = 60.0  # seconds to open the store (a PostgreSQL connect included)
 CLOSE_TIMEOUT = 30.0  # seconds the last batch may take at shutdown
@@ -218,8 +214,6 @@ class Intake:
 
 def run(channel: socket.socket, url: str) -> None:
     """Commit what arrives, batch by batch, until the receiver closes the socket."""
-    from backupmx.queue.store import Inserter, utcnow
-
     engine = open_writer_engine(url)
     inserter = Inserter(engine.dialect)
     with engine.connect():

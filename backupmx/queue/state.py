@@ -87,3 +87,74 @@ def target(event: Event) -> str:
     """The state `event` leads to (every event has exactly one target)."""
     (result,) = {to for (_, ev), to in TRANSITIONS.items() if ev == event}
     return result
+
+
+# ---------------------------------------------------------------------- the domain's primary
+#
+# Rule 1 holds here too: anything that changes a domain's primary state (the
+# ``domains`` table) is a row of `PRIMARY_TRANSITIONS`.
+#
+# Theory of operation (the state after each event)::
+#
+#                  answered   unreachable   no_primary   retry
+#       unknown    up         down          unknown      unknown
+#       up         up         down          unknown      up
+#       down       up         down          unknown      unknown
+#
+# * ANSWERED: a delivery or a probe reached a host of the domain's route → up.
+#   Coming up from down or unknown makes the domain's queued mail due at once.
+# * UNREACHABLE: no host of the route answered, or no route can be planned now
+#   (a DNS failure, no MX better than this host) → down.  Mail of a down domain
+#   is not claimed (`claim`, `park_down`): the probes decide when to try again.
+# * NO_PRIMARY: the route says the mail can never be delivered (no such domain,
+#   a null MX) → unknown, and the domain's mail is due at once (to bounce).
+# * RETRY: an operator's flush or requeue, or an ETRN: a down domain is tried
+#   again (unknown); up and unknown stay as they are.
+#
+# A domain's row starts `unknown`.  Every event can happen in every state, so
+# the table is total; an event that changes the state always leads to the same
+# one (`primary_target`), which is how the store writes it in SQL.
+
+
+class PrimaryState(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    UNKNOWN = "unknown"
+
+
+class PrimaryEvent(StrEnum):
+    ANSWERED = "answered"
+    UNREACHABLE = "unreachable"
+    NO_PRIMARY = "no_primary"
+    RETRY = "retry"
+
+
+PRIMARY_TRANSITIONS: dict[tuple[PrimaryState, PrimaryEvent], PrimaryState] = {
+    (PrimaryState.UNKNOWN, PrimaryEvent.ANSWERED): PrimaryState.UP,
+    (PrimaryState.UP, PrimaryEvent.ANSWERED): PrimaryState.UP,
+    (PrimaryState.DOWN, PrimaryEvent.ANSWERED): PrimaryState.UP,
+    (PrimaryState.UNKNOWN, PrimaryEvent.UNREACHABLE): PrimaryState.DOWN,
+    (PrimaryState.UP, PrimaryEvent.UNREACHABLE): PrimaryState.DOWN,
+    (PrimaryState.DOWN, PrimaryEvent.UNREACHABLE): PrimaryState.DOWN,
+    (PrimaryState.UNKNOWN, PrimaryEvent.NO_PRIMARY): PrimaryState.UNKNOWN,
+    (PrimaryState.UP, PrimaryEvent.NO_PRIMARY): PrimaryState.UNKNOWN,
+    (PrimaryState.DOWN, PrimaryEvent.NO_PRIMARY): PrimaryState.UNKNOWN,
+    (PrimaryState.UNKNOWN, PrimaryEvent.RETRY): PrimaryState.UNKNOWN,
+    (PrimaryState.UP, PrimaryEvent.RETRY): PrimaryState.UP,
+    (PrimaryState.DOWN, PrimaryEvent.RETRY): PrimaryState.UNKNOWN,
+}
+
+
+def next_primary_state(state: PrimaryState, event: PrimaryEvent) -> PrimaryState:
+    return PRIMARY_TRANSITIONS[(state, event)]
+
+
+def primary_sources(event: PrimaryEvent) -> list[str]:
+    """The states `event` changes (for SQL WHERE clauses)."""
+    return sorted(s for (s, ev), to in PRIMARY_TRANSITIONS.items() if ev == event and to != s)
+
+
+def primary_target(event: PrimaryEvent) -> PrimaryState:
+    """The state `event` leads to whenever it changes the state."""
+    (result,) = {to for (s, ev), to in PRIMARY_TRANSITIONS.items() if ev == event and to != s}
+    return result

@@ -2,7 +2,7 @@
 
 Each caller hands its item (the delivery results of one connection) to
 `GroupCommitWriter.submit` and waits; the writer takes everything that is
-waiting (up to `max_batch` items and `max_batch_bytes`), writes it in one
+waiting (up to `MAX_BATCH` items and `MAX_BATCH_BYTES`), writes it in one
 transaction — one fsync for the batch — and only then resolves every caller's
 wait.  Received mail is committed the same way, by the intake process
 (`backupmx.queue.intake`).
@@ -22,6 +22,14 @@ import structlog
 
 log = structlog.get_logger("backupmx.queue")
 
+# The bounds of one group commit, for both writers (this one and the intake
+# process).  Constants, not settings: a batch is whatever is waiting, so under
+# load it grows on its own and these are never the limit of throughput; they
+# only bound what one transaction holds in memory (every body of the batch is
+# read in whole) and how long the last caller of a huge batch waits.
+MAX_BATCH = 256  # items per transaction
+MAX_BATCH_BYTES = 32 * 1024 * 1024  # body bytes per transaction
+
 
 class Sized(Protocol):
     @property
@@ -32,15 +40,8 @@ T = TypeVar("T", bound=Sized)
 
 
 class GroupCommitWriter(Generic[T]):
-    def __init__(
-        self,
-        write_batch: Callable[[Sequence[T]], Awaitable[None]],
-        max_batch: int = 256,
-        max_batch_bytes: int = 32 * 1024 * 1024,
-    ) -> None:
+    def __init__(self, write_batch: Callable[[Sequence[T]], Awaitable[None]]) -> None:
         self._write_batch = write_batch
-        self._max_batch = max_batch
-        self._max_batch_bytes = max_batch_bytes
         self._waiting: asyncio.Queue[tuple[T, asyncio.Future[None]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -66,11 +67,7 @@ class GroupCommitWriter(Generic[T]):
         while True:
             batch = [await self._waiting.get()]
             size = batch[0][0].size
-            while (
-                not self._waiting.empty()
-                and len(batch) < self._max_batch
-                and size < self._max_batch_bytes
-            ):
+            while not self._waiting.empty() and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
                 batch.append(self._waiting.get_nowait())
                 size += batch[-1][0].size
             try:

@@ -18,14 +18,23 @@ mail) and is logged.
 from __future__ import annotations
 
 import ipaddress
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
+from functools import partial
 
 import structlog
 
 from backupmx.config import Greylist
+from backupmx.queue.records import GreylistEntry, Triplet, utcnow
 from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx.receive")
+
+# A passed triplet's last_seen is rewritten at most this often, so that mail from
+# a known sender does not cost a write per recipient.  A constant, not a setting:
+# it only has to be small beside pass_ttl (35 days by postgrey's default), where
+# ten minutes more or less in a triplet's life change nothing an operator sees.
+GREYLIST_REFRESH = timedelta(minutes=10)
 
 
 def client_network(client_ip: str) -> str:
@@ -33,6 +42,33 @@ def client_network(client_ip: str) -> str:
     address = ipaddress.ip_address(client_ip)
     prefix = 24 if address.version == 4 else 64
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def decide(
+    entry: GreylistEntry | None, now: datetime, settings: Greylist
+) -> tuple[GreylistEntry, float]:
+    """What a triplet's entry becomes when the triplet is seen at `now`, and the
+    seconds it must still wait (0.0: it passes).
+
+    A new triplet (or one that came back too late, or was last seen longer than
+    `pass_ttl` ago) starts waiting now; one retried after `delay` passes and stays
+    passed while it is seen at least every `pass_ttl`."""
+    delay = timedelta(seconds=settings.delay)
+    stale = entry is not None and (
+        now - entry.last_seen > timedelta(seconds=settings.pass_ttl)
+        if entry.passed_at is not None
+        else now - entry.first_seen > delay + timedelta(seconds=settings.retry_window)
+    )
+    if entry is None or stale:
+        return GreylistEntry(first_seen=now, last_seen=now, passed_at=None), delay.total_seconds()
+    if entry.passed_at is not None:
+        if now - entry.last_seen > GREYLIST_REFRESH:
+            return replace(entry, last_seen=now), 0.0
+        return entry, 0.0
+    waited = now - entry.first_seen
+    if waited < delay:
+        return entry, (delay - waited).total_seconds()
+    return replace(entry, passed_at=now, last_seen=now), 0.0
 
 
 async def check(
@@ -45,12 +81,8 @@ async def check(
     """The 450 refusal for a triplet still greylisted, or None to go on."""
     try:
         wait = await store.greylist(
-            client_network(client_ip),
-            sender.lower(),
-            recipient.lower(),
-            delay=timedelta(seconds=settings.delay),
-            retry_window=timedelta(seconds=settings.retry_window),
-            pass_ttl=timedelta(seconds=settings.pass_ttl),
+            Triplet(client_network(client_ip), sender.lower(), recipient.lower()),
+            partial(decide, now=utcnow(), settings=settings),
         )
     except Exception as error:
         log.error("greylist_failed", error=str(error))

@@ -44,7 +44,8 @@ from backupmx.config import Config, Domain, Recipients
 from backupmx.mail.address import Address
 from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.mail.reply import CalloutAnswer
-from backupmx.queue.store import RecipientVerdict, Store, utcnow
+from backupmx.queue.records import RecipientVerdict, utcnow
+from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx.receive")
 

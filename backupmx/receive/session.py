@@ -69,7 +69,7 @@ from backupmx.mail.address import Address, AddressError, parse_path
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.storable import flaw
 from backupmx.queue.database import storage_full
-from backupmx.queue.store import BodySource, NewMessage, NewRecipient, new_queue_id, utcnow
+from backupmx.queue.records import BodySource, NewMessage, NewRecipient, new_queue_id, utcnow
 from backupmx.receive.clients import Screen
 from backupmx.receive.data import DataDecoder
 from backupmx.receive.parameters import (

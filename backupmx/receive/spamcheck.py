@@ -44,7 +44,7 @@ import structlog
 from backupmx import metrics
 from backupmx.config import SpamAction, SpamCheck
 from backupmx.mail.hosts import parse_host_port
-from backupmx.queue.store import BodySource
+from backupmx.queue.records import BodySource
 
 log = structlog.get_logger("backupmx.receive")
 

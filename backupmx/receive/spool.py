@@ -18,7 +18,7 @@ import os
 import tempfile
 from typing import IO
 
-from backupmx.queue.store import BytesBody, OpenedFile
+from backupmx.queue.records import BytesBody, OpenedFile
 from backupmx.receive.data import ReceivedCounter
 
 

@@ -1,0 +1,199 @@
+"""Claims and leases: which recipients are due, and who is sending them.
+
+Promises:
+
+* `claim` hands each due recipient to one claimant at a time, under a lease:
+  SQLite by ``UPDATE … RETURNING`` inside ``BEGIN IMMEDIATE``; PostgreSQL by
+  ``FOR UPDATE SKIP LOCKED`` in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n
+  FOR UPDATE SKIP LOCKED)`` can claim more than n rows), so several nodes can share
+  one queue.  Only ``sending`` rows carry a lease.
+* A claimant that dies leaves ``sending`` rows whose lease runs out;
+  `release_expired_leases` puts them back, and a node starting again gives back
+  its own at once (`release_leases`).
+* Recipients of a domain whose primary is down are not claimed: `park_down` moves
+  them out of the way, `make_due` brings them back (a primary that came back, an
+  operator's flush, an ETRN).
+
+Every state change here is a transition of `backupmx.queue.state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from backupmx.queue.database import QueueDatabase
+from backupmx.queue.models import domains, messages, recipients
+from backupmx.queue.records import Claim, Outbound, utcnow
+from backupmx.queue.state import (
+    Event,
+    PrimaryEvent,
+    PrimaryState,
+    State,
+    primary_sources,
+    primary_target,
+    sources,
+    target,
+)
+
+OUTBOUND_COLUMNS = [
+    messages.c.id, messages.c.sender, messages.c.body, messages.c.size, messages.c.body_type,
+    messages.c.smtputf8, messages.c.dsn_ret, messages.c.dsn_envid, messages.c.received_at,
+]  # fmt: skip
+
+
+def outbound_record(row: Any) -> Outbound:
+    """An `Outbound` from a row selected with `OUTBOUND_COLUMNS`."""
+    return Outbound(
+        row.id, row.sender, bytes(row.body), row.size, row.body_type, row.smtputf8,
+        row.dsn_ret, row.dsn_envid, row.received_at,
+    )  # fmt: skip
+
+
+class Claims(QueueDatabase):
+    async def claim(
+        self, owner: str, limit: int, lease: timedelta, now: datetime | None = None
+    ) -> list[Claim]:
+        """Lease up to `limit` due recipients, oldest due first.
+
+        Recipients of a domain whose primary is known to be down are left alone: the
+        probes decide when it is worth trying again (`make_due` then), so a backup
+        holding mail for a dead primary does not knock on its door with every message.
+        """
+        now = now or utcnow()
+        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
+        due = (
+            select(recipients.c.id)
+            .where(
+                recipients.c.state.in_(sources(Event.CLAIM)),
+                recipients.c.next_attempt_at <= now,
+                recipients.c.domain.not_in(down),
+            )
+            .order_by(recipients.c.next_attempt_at)
+            .limit(limit)
+        )
+        values = {
+            "state": target(Event.CLAIM),
+            "lease_owner": owner,
+            "lease_until": now + lease,
+            "attempts": recipients.c.attempts + 1,
+            "updated_at": now,
+        }
+        returning = (
+            recipients.c.id,
+            recipients.c.message_id,
+            recipients.c.address,
+            recipients.c.domain,
+            recipients.c.attempts,
+            recipients.c.dsn_notify,
+            recipients.c.dsn_orcpt,
+        )
+        if self.dialect == "postgresql":
+            chosen = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+            statement = (
+                update(recipients)
+                .where(recipients.c.id == chosen.c.id)
+                .values(values)
+                .returning(*returning)
+            )
+        else:
+            statement = (
+                update(recipients)
+                .where(recipients.c.id.in_(due))
+                .values(values)
+                .returning(*returning)
+            )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
+
+    async def outbound(self, ids: Iterable[str]) -> dict[str, Outbound]:
+        query = select(*OUTBOUND_COLUMNS).where(messages.c.id.in_(list(ids)))
+        async with self.engine.connect() as conn:
+            return {row.id: outbound_record(row) for row in await conn.execute(query)}
+
+    async def park_down(self, until: datetime, now: datetime | None = None) -> int:
+        """Due recipients of domains whose primary is down wait until `until` (or until
+        a probe finds the primary back and `make_due` releases them).  New mail for a
+        dead primary is touched once here instead of being scanned by every claim."""
+        now = now or utcnow()
+        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients)
+                .where(
+                    recipients.c.state == State.QUEUED.value,
+                    recipients.c.next_attempt_at <= now,
+                    recipients.c.domain.in_(down),
+                )
+                .values(
+                    next_attempt_at=until,
+                    updated_at=now,
+                    # Mail that never got a try still says why it waits.
+                    last_error=func.coalesce(
+                        recipients.c.last_error,
+                        select(domains.c.reason)
+                        .where(domains.c.name == recipients.c.domain)
+                        .scalar_subquery(),
+                    ),
+                )
+            )
+        return outcome.rowcount
+
+    async def make_due(
+        self,
+        *,
+        domain: str | None = None,
+        ids: Sequence[str] | None = None,
+        retry_down: bool = False,
+        now: datetime | None = None,
+    ) -> int:
+        """Queued recipients (of a domain, of some messages, or all) become due now:
+        a flush, an ETRN, or a primary that came back.  With `retry_down` (an
+        operator's flush), domains marked down are tried again too (RETRY)."""
+        now = now or utcnow()
+        if retry_down:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(domains)
+                    .where(
+                        domains.c.state.in_(primary_sources(PrimaryEvent.RETRY)),
+                        *([domains.c.name == domain] if domain else []),
+                    )
+                    .values(state=primary_target(PrimaryEvent.RETRY), since=now, updated_at=now)
+                )
+        condition = [recipients.c.state == State.QUEUED.value, recipients.c.next_attempt_at > now]
+        if domain is not None:
+            condition.append(recipients.c.domain == domain)
+        if ids is not None:
+            async with self.engine.connect() as conn:
+                await self._require(conn, ids)
+            condition.append(recipients.c.message_id.in_(ids))
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients).where(*condition).values(next_attempt_at=now, updated_at=now)
+            )
+        return outcome.rowcount
+
+    async def release_expired_leases(self, now: datetime | None = None) -> int:
+        """sending rows whose lease ran out (their worker died) become queued again."""
+        now = now or utcnow()
+        return await self._lease_expired(recipients.c.lease_until < now, now)
+
+    async def release_leases(self, owner: str, now: datetime | None = None) -> int:
+        """Give back every lease `owner` holds (clean shutdown, or start-up after a crash)."""
+        now = now or utcnow()
+        return await self._lease_expired(recipients.c.lease_owner == owner, now)
+
+    async def _lease_expired(self, condition: Any, now: datetime) -> int:
+        event = Event.LEASE_EXPIRED
+        async with self.engine.begin() as conn:
+            outcome = await conn.execute(
+                update(recipients)
+                .where(recipients.c.state.in_(sources(event)), condition)
+                .values(state=target(event), updated_at=now, lease_owner=None, lease_until=None)
+            )
+        return outcome.rowcount

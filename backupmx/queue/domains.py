@@ -1,0 +1,83 @@
+"""The domains table: what the deliverer knows of each destination, for every node.
+
+The deliverer (`backupmx.deliver.primaries`) decides a domain's primary state
+(by the table `PRIMARY_TRANSITIONS` of `backupmx.queue.state`); this file only
+keeps it, with the route in use, why mail waits, and the last probe, so that
+``backupmx domains``, ``status``, the metrics and every node sharing the queue
+see the same.  A domain's row is created by its first report, in state
+``unknown``.  `claim` and `park_down` (`backupmx.queue.claims`) read the state
+to leave a dead primary's mail alone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from backupmx.queue.database import QueueDatabase
+from backupmx.queue.models import domains, recipients
+from backupmx.queue.records import DomainState, utcnow
+from backupmx.queue.state import PrimaryState, State
+
+
+class Domains(QueueDatabase):
+    async def set_domain_state(
+        self,
+        name: str,
+        state: PrimaryState | None = None,
+        *,
+        route: str | None = None,
+        reason: str | None = None,
+        probe_result: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record what we know of a domain; return True if its state changed."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(domains).where(domains.c.name == name))).first()
+            values: dict[str, Any] = {"updated_at": now}
+            if route is not None:
+                values["route"] = route
+            if reason is not None:
+                values["reason"] = reason or None
+            if probe_result is not None:
+                values["last_probe_at"], values["last_probe_result"] = now, probe_result
+            changed = state is not None and (row is None or row.state != state)
+            if changed:
+                values["state"], values["since"] = state, now
+            if row is None:
+                values.setdefault("state", PrimaryState.UNKNOWN)
+                values.setdefault("since", now)
+                await conn.execute(insert(domains).values(name=name, **values))
+            else:
+                await conn.execute(update(domains).where(domains.c.name == name).values(values))
+        return changed
+
+    async def domain_states(self) -> dict[str, DomainState]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(domains))).all()
+        return {
+            r.name: DomainState(
+                r.name,
+                PrimaryState(r.state),
+                r.since,
+                r.route,
+                r.reason,
+                r.last_probe_at,
+                r.last_probe_result,
+            )
+            for r in rows
+        }
+
+    async def pending_domains(self) -> list[str]:
+        """Domains with recipients waiting for delivery (queued or being sent): the
+        ones the probes watch."""
+        query = (
+            select(recipients.c.domain)
+            .where(recipients.c.state.in_([State.QUEUED.value, State.SENDING.value]))
+            .distinct()
+        )
+        async with self.engine.connect() as conn:
+            return sorted((await conn.execute(query)).scalars())

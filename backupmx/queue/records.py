@@ -1,0 +1,337 @@
+"""The queue's records: what crosses the queue's boundary, as plain data.
+
+Every stage and the CLI hold these and nothing else of the queue: a stage hands
+the store a `NewMessage` or a `Result` and gets back a `Claim`, an `Outbound`, an
+`Overdue`; the CLI, ``status`` and the metrics read `MessageView`, `Stats` and
+`DomainState`.  No I/O and no SQL here, so importing a record never pulls in a
+database driver.
+
+Promises: records are immutable once built (except `NewMessage`, which the
+receiver fills in before it commits); times are timezone-aware UTC, and
+``to_json`` writes them as ``…Z`` (the JSON field names are a contract, see
+docs/contracts.md).  Admin operations on unknown queue ids raise
+`UnknownMessage` naming them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from backupmx.queue.state import Event, PrimaryState, State
+
+
+def new_queue_id() -> str:
+    """20 hex digits: microseconds since the epoch, then 28 random bits (sorts by arrival)."""
+    return f"{time.time_ns() // 1000:013X}{secrets.randbits(28):07X}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class BodySource(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def read(self) -> bytes: ...
+
+    def portable(self) -> BodySource:
+        """The same body in a form the intake process can read (picklable)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BytesBody:
+    """A body already in memory (a DSN we generate)."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self) -> bytes:
+        return self.data
+
+    def portable(self) -> BytesBody:
+        return self
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """A body in a file another process holds open, read through its /proc link."""
+
+    path: str
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as body:
+            return body.read()
+
+    def portable(self) -> OpenedFile:
+        return self
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    address: str
+    domain: str
+    notify: str | None = None
+    orcpt: str | None = None
+
+
+@dataclass
+class NewMessage:
+    id: str
+    sender: str
+    recipients: list[NewRecipient]
+    body: BodySource
+    client_ip: str
+    client_helo: str
+    protocol: str
+    session_id: str
+    tls: str | None = None
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    received_at: datetime = field(default_factory=utcnow)
+    spam_verdict: str | None = None  # the spam check's action, if one ran
+    spam_score: float | None = None
+    spam_detail: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.body.size
+
+
+# ---------------------------------------------------------------------- delivery
+
+
+@dataclass(frozen=True)
+class Claim:
+    recipient_id: int
+    message_id: str
+    address: str
+    domain: str
+    attempts: int
+    notify: str | None
+    orcpt: str | None
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A queued message as the deliverer sends it."""
+
+    id: str
+    sender: str
+    body: bytes
+    size: int
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A pending recipient past a deadline (expiry or delay warning), with its envelope."""
+
+    recipient_id: int
+    address: str
+    notify: str | None
+    orcpt: str | None
+    last_error: str | None
+    message: Outbound
+
+
+@dataclass(frozen=True)
+class Result:
+    recipient_id: int
+    event: Event  # SUCCESS, TEMPFAIL or PERMFAIL
+    error: str | None = None
+    next_attempt_at: datetime | None = None  # for TEMPFAIL
+
+
+@dataclass(frozen=True)
+class DomainState:
+    name: str
+    state: PrimaryState
+    since: datetime
+    route: str | None
+    reason: str | None
+    last_probe_at: datetime | None
+    last_probe_result: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.name,
+            "state": self.state,
+            "since": _iso(self.since),
+            "route": self.route,
+            "reason": self.reason,
+            "last_probe_at": _iso(self.last_probe_at) if self.last_probe_at else None,
+            "last_probe_result": self.last_probe_result,
+        }
+
+
+# ---------------------------------------------------------------------- receive-side memory
+
+
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """What the primary said of an address (the recipient-verification cache)."""
+
+    address: str  # local part as sent, "@", the A-label domain
+    valid: bool
+    reply: str | None
+    source: str  # "callout" or "delivery"
+    checked_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """The greylisting key: client network (/24 or /64), envelope sender, recipient."""
+
+    client_net: str
+    sender: str
+    recipient: str
+
+
+@dataclass(frozen=True)
+class GreylistEntry:
+    """What the queue remembers of a triplet (the receive stage decides what it means)."""
+
+    first_seen: datetime
+    last_seen: datetime
+    passed_at: datetime | None  # None while the triplet waits out its delay
+
+
+@dataclass(frozen=True)
+class SpamRecord:
+    verdict: str | None
+    score: float | None
+    detail: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "score": self.score, "detail": self.detail}
+
+
+# ---------------------------------------------------------------------- views for people
+
+
+@dataclass(frozen=True)
+class RecipientView:
+    id: int
+    address: str
+    domain: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    notify: str | None
+    orcpt: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "domain": self.domain,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "last_error": self.last_error,
+            "notify": self.notify,
+            "orcpt": self.orcpt,
+        }
+
+
+@dataclass(frozen=True)
+class MessageView:
+    id: str
+    sender: str
+    size: int
+    sha256: str
+    received_at: datetime
+    client_ip: str
+    client_helo: str
+    protocol: str
+    tls: str | None
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    recipients: list[RecipientView]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sender": self.sender,
+            "size": self.size,
+            "sha256": self.sha256,
+            "received_at": _iso(self.received_at),
+            "client_ip": self.client_ip,
+            "client_helo": self.client_helo,
+            "protocol": self.protocol,
+            "tls": self.tls,
+            "body_type": self.body_type,
+            "smtputf8": self.smtputf8,
+            "ret": self.ret,
+            "envid": self.envid,
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+
+
+def oldest_first(found: Iterable[MessageView]) -> list[MessageView]:
+    return sorted(found, key=lambda m: (m.received_at, m.id))
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    domain: str
+    counts: dict[str, int]
+    oldest: datetime | None
+
+
+def waiting(counts: dict[str, int]) -> int:
+    """Recipients still to be sent (queued, or being sent now), from per-state counts."""
+    return counts.get(State.QUEUED.value, 0) + counts.get(State.SENDING.value, 0)
+
+
+@dataclass(frozen=True)
+class Stats:
+    messages: int  # messages with at least one pending recipient
+    recipients: dict[str, int]  # per state, every state present
+    oldest: datetime | None
+    domains: list[DomainStats]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "recipients": self.recipients,
+            "oldest_received_at": _iso(self.oldest) if self.oldest else None,
+            "domains": [
+                {
+                    "domain": d.domain,
+                    "recipients": d.counts,
+                    "oldest_received_at": _iso(d.oldest) if d.oldest else None,
+                }
+                for d in self.domains
+            ],
+        }
+
+
+class UnknownMessage(LookupError):
+    def __init__(self, ids: Iterable[str]) -> None:
+        self.ids = sorted(ids)
+        super().__init__(f"no such message: {', '.join(self.ids)}")

@@ -1,0 +1,213 @@
+"""Results and sweeps: how recipients leave ``sending``, and how overdue ones leave the queue.
+
+Promises:
+
+* `record` applies delivery results only to recipients the reporting owner still
+  holds (a lease that ran out and was claimed again is someone else's), and
+  queues the DSNs for those results in the same transaction, so a recipient is
+  never bounced without its DSN (docs/queue.md, invariant 2).
+* `sweep` expires or bounces pending recipients, or marks them delay-warned,
+  together with their DSNs in one transaction (invariant 2 again).
+
+Theory of operation.  Results of concurrent deliveries share a transaction
+(group commit, `backupmx.queue.writer`, as received mail does in the intake
+process), written by one thread through a plain (not asyncio) engine, so a
+flush of thousands of messages pays one fsync per batch, not per message.  A
+failed batch fails every `record` call in it; nothing is retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, false, insert, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
+from backupmx.queue.database import QueueDatabase, open_writer_engine
+from backupmx.queue.inserter import Inserter, insert_rows
+from backupmx.queue.models import messages, recipients
+from backupmx.queue.records import NewMessage, Overdue, Result, utcnow
+from backupmx.queue.state import Event, State, sources, target
+from backupmx.queue.writer import GroupCommitWriter
+
+
+@dataclass
+class _Report:
+    """One `Results.record` call on its way through the results writer."""
+
+    owner: str
+    results: Sequence[Result]
+    notices: Sequence[NewMessage]
+    changed: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(n.size for n in self.notices) + 1
+
+
+def _result_statement(event: Event) -> Any:
+    values: dict[str, Any] = {
+        "state": target(event),
+        "last_error": bindparam("error"),
+        "lease_owner": None,
+        "lease_until": None,
+        "updated_at": bindparam("now"),
+    }
+    if event is Event.TEMPFAIL:
+        values["next_attempt_at"] = bindparam("next_attempt_at")
+    return (
+        update(recipients)
+        .where(
+            recipients.c.id == bindparam("recipient_id"),
+            recipients.c.lease_owner == bindparam("owner"),
+            # Not IN (…): SQLAlchemy cannot expand IN lists inside executemany.
+            or_(*(recipients.c.state == state for state in sources(event))),
+        )
+        .values(values)
+    )
+
+
+_RESULT_STATEMENTS = {
+    event: _result_statement(event)
+    for event in (Event.SUCCESS, Event.TEMPFAIL, Event.PERMFAIL, Event.QUARANTINE)
+}
+
+
+def _result_params(report: _Report, now: datetime) -> dict[Event, list[dict[str, Any]]]:
+    by_event: dict[Event, list[dict[str, Any]]] = {}
+    for result in report.results:
+        params = {
+            "recipient_id": result.recipient_id,
+            "owner": report.owner,
+            "error": result.error,
+            "now": now,
+        }
+        if result.event is Event.TEMPFAIL:
+            params["next_attempt_at"] = result.next_attempt_at or now
+        by_event.setdefault(result.event, []).append(params)
+    return by_event
+
+
+class Results(QueueDatabase):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._recorder: GroupCommitWriter[_Report] = GroupCommitWriter(self._record_batch)
+        self._writer_engine: Engine | None = None
+        self._inserter: Inserter | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
+
+    def _start_recorder(self) -> None:
+        self._writer_engine = open_writer_engine(self.url)
+        self._inserter = Inserter(self._writer_engine.dialect)
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+        self._recorder.start()
+
+    async def _stop_recorder(self) -> None:
+        await self._recorder.stop()
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
+        if self._writer_engine is not None:
+            self._writer_engine.dispose()
+
+    async def record(
+        self, owner: str, results: Sequence[Result], notices: Sequence[NewMessage] = ()
+    ) -> int:
+        """Apply delivery results to recipients this owner still holds; return rows changed.
+        `notices` (DSNs for these results) are queued in the same transaction."""
+        report = _Report(owner, results, notices)
+        await self._recorder.submit(report)
+        return report.changed
+
+    async def _record_batch(self, batch: Sequence[_Report]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_thread, self._record_now, batch)
+
+    def _record_now(self, batch: Sequence[_Report]) -> None:
+        """In the writer thread: every report of the batch in one transaction."""
+        assert self._writer_engine is not None
+        now = utcnow()
+        notices = [n for report in batch for n in report.notices]
+        with self._writer_engine.begin() as conn:
+            if notices:
+                assert self._inserter is not None
+                self._inserter.insert(conn, notices, now)
+            for report in batch:
+                report.changed = 0
+                for event, params in _result_params(report, now).items():
+                    outcome = conn.execute(_RESULT_STATEMENTS[event], params)
+                    report.changed += outcome.rowcount
+
+    async def sweep(
+        self,
+        event: Event | None,
+        notices_for: Callable[[list[Overdue]], list[NewMessage]],
+        *,
+        older_than: datetime | None = None,
+        ids: Sequence[str] | None = None,
+        limit: int = 500,
+        now: datetime | None = None,
+    ) -> int:
+        """Pending recipients of messages received before `older_than` (or of the
+        messages `ids`): apply `event` (EXPIRE, BOUNCE), or with None mark them
+        delay-warned; queue their DSNs in the same transaction (invariant 2)."""
+        now = now or utcnow()
+        states = sources(event) if event else [State.QUEUED.value, State.HELD.value]
+        query = (
+            select(
+                recipients.c.id.label("recipient_id"), recipients.c.address,
+                recipients.c.dsn_notify, recipients.c.dsn_orcpt, recipients.c.last_error,
+                *OUTBOUND_COLUMNS,
+            )
+            .join(messages, messages.c.id == recipients.c.message_id)
+            .where(recipients.c.state.in_(states))
+            .order_by(messages.c.received_at)
+            .limit(limit)
+        )  # fmt: skip
+        if event is None:
+            query = query.where(recipients.c.delay_warned == false())
+        if older_than is not None:
+            query = query.where(messages.c.received_at < older_than)
+        if ids is not None:
+            query = query.where(messages.c.id.in_(ids))
+        async with self.engine.begin() as conn:
+            if ids is not None:
+                await self._require(conn, ids)
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                return 0
+            overdue = [
+                Overdue(
+                    r.recipient_id, r.address, r.dsn_notify, r.dsn_orcpt, r.last_error,
+                    outbound_record(r),
+                )
+                for r in rows
+            ]  # fmt: skip
+            values: dict[str, Any] = (
+                {"state": target(event), "lease_owner": None, "lease_until": None}
+                if event
+                else {"delay_warned": True}
+            )
+            await conn.execute(
+                update(recipients)
+                .where(
+                    recipients.c.id.in_([o.recipient_id for o in overdue]),
+                    recipients.c.state.in_(states),
+                )
+                .values(updated_at=now, **values)
+            )
+            await _insert(conn, notices_for(overdue), now)
+        return len(overdue)
+
+
+async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
+    if batch:
+        message_rows, recipient_rows = insert_rows(batch, now)
+        await conn.execute(insert(messages), message_rows)
+        await conn.execute(insert(recipients), recipient_rows)

@@ -1,0 +1,90 @@
+"""What the deliverer remembers of each domain's primary (`backupmx.deliver.primaries`):
+one record per domain, following the primary state table, written through a store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from backupmx.deliver.primaries import DomainPolicy, Primaries
+from backupmx.queue.state import PrimaryState
+
+
+class FakeStore:
+    """The two calls `Primaries.observed` makes, with the domains table as a dict."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, PrimaryState] = {}
+        self.writes: list[tuple[str, PrimaryState | None]] = []
+        self.made_due: list[str] = []
+
+    async def set_domain_state(
+        self, name: str, state: PrimaryState | None = None, **_: Any
+    ) -> bool:
+        self.writes.append((name, state))
+        changed = state is not None and self.states.get(name) != state
+        if state is not None:
+            self.states[name] = state
+        return changed
+
+    async def make_due(self, *, domain: str, now: datetime | None = None) -> int:
+        self.made_due.append(domain)
+        return 1
+
+
+def primaries(store: FakeStore, on_5xx: str = "bounce", hold_window: float = 3600) -> Primaries:
+    policy = DomainPolicy(on_primary_5xx=on_5xx, hold_window=hold_window)
+    return Primaries(store, None, None, lambda _: policy, 25, "backup.test", None)  # type: ignore[arg-type]
+
+
+async def test_a_repeated_result_is_written_once_within_the_refresh_interval() -> None:
+    store = FakeStore()
+    known = primaries(store)
+    await known.observed("example.test", False, "refused")
+    await known.observed("example.test", False, "refused again")
+    assert store.writes == [("example.test", PrimaryState.DOWN)]
+
+
+async def test_after_a_claim_of_a_domain_written_down_the_next_result_is_written_again() -> None:
+    store = FakeStore()
+    known = primaries(store)
+    await known.observed("example.test", False, "refused")
+    store.states["example.test"] = PrimaryState.UNKNOWN  # an operator's flush elsewhere
+    known.claimed("example.test")
+    await known.observed("example.test", False, "refused again")
+    assert store.writes == [("example.test", PrimaryState.DOWN)] * 2
+    assert store.states["example.test"] is PrimaryState.DOWN
+
+
+async def test_down_since_is_the_first_failure_and_an_answer_clears_it() -> None:
+    store = FakeStore()
+    known = primaries(store)
+    assert known.down_since("example.test") is None
+    await known.observed("example.test", False, "refused")
+    first = known.down_since("example.test")
+    await known.observed("example.test", False, "timed out")
+    assert known.down_since("example.test") == first
+    assert first is not None and first[1] == "refused"
+    await known.observed("example.test", True, "delivery via mx")
+    assert known.down_since("example.test") is None
+
+
+async def test_coming_up_releases_the_mail_wakes_the_deliverer_and_opens_the_hold_window() -> None:
+    store = FakeStore()
+    known = primaries(store, on_5xx="hold")
+    woken: list[str] = []
+    known.on_up = woken.append
+    await known.observed("example.test", False, "refused")
+    await known.observed("example.test", True, "probe answered")
+    assert store.states["example.test"] is PrimaryState.UP
+    assert store.made_due == woken == ["example.test"]
+    assert known.in_hold_window("example.test")
+
+
+async def test_a_primary_seen_down_forgets_when_it_came_up() -> None:
+    store = FakeStore()
+    known = primaries(store, on_5xx="hold", hold_window=0)
+    await known.observed("example.test", True, "probe answered")
+    assert not known.in_hold_window("example.test")  # up for longer than the window
+    await known.observed("example.test", False, "refused")
+    assert known.in_hold_window("example.test")  # since when is unknown: stay careful
