@@ -48,7 +48,7 @@ from backupmx.deliver.primaries import Primaries, describe, target
 from backupmx.deliver.route import Bounce, RoutePlan
 from backupmx.deliver.schedule import next_attempt
 from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
-from backupmx.queue.state import Event
+from backupmx.queue.state import VERDICT_EVENTS, Event
 from backupmx.queue.store import Claim, NewMessage, Outbound, Result, Store, utcnow
 
 log = structlog.get_logger("backupmx.deliver")
@@ -57,13 +57,6 @@ IN_FLIGHT = 2000  # recipients claimed and not yet recorded, per node
 CLAIM_BATCH = 500
 POLL_SECONDS = 1.0
 IDLE_CONNECTION_SECONDS = 10.0
-
-_EVENTS = {
-    Verdict.DELIVERED: Event.SUCCESS,
-    Verdict.DEFERRED: Event.TEMPFAIL,
-    Verdict.BOUNCED: Event.PERMFAIL,
-    Verdict.HELD: Event.QUARANTINE,
-}
 
 
 @dataclass(frozen=True)
@@ -317,7 +310,7 @@ class Deliverer:
         )
         results = []
         for claim, outcome in zip(claims, outcomes, strict=True):
-            event = _EVENTS[outcome.verdict]
+            event = VERDICT_EVENTS[outcome.verdict]
             when = retry_at if event is Event.TEMPFAIL else None
             error = None if event is Event.SUCCESS else outcome.diagnostic
             results.append(Result(claim.recipient_id, event, error, when))
