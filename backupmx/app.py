@@ -25,7 +25,6 @@ import asyncio
 import signal
 import socket
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -41,6 +40,7 @@ from backupmx.deliver.deliverer import Deliverer, DeliverySettings
 from backupmx.deliver.pacer import Pacers
 from backupmx.deliver.primaries import DomainPolicy, Primaries
 from backupmx.deliver.route import Identity, local_addresses
+from backupmx.deliver.schedule import expires_before, warns_before
 from backupmx.mail.domains import DomainNames
 from backupmx.mail.hosts import parse_host_port
 from backupmx.notify import Notifier
@@ -182,16 +182,13 @@ class App:
         expired = await self.store.sweep(
             Event.EXPIRE,
             self._expired,
-            older_than=now - timedelta(seconds=delivery.max_queue_lifetime),
+            older_than=expires_before(now, delivery.max_queue_lifetime),
         )
         if expired:
             log.info("recipients_expired", count=expired)
-        if delivery.delay_warning > 0:
-            warned = await self.store.sweep(
-                None,
-                self.notices.for_delayed,
-                older_than=now - timedelta(seconds=delivery.delay_warning),
-            )
+        delayed = warns_before(now, delivery.delay_warning)
+        if delayed is not None:
+            warned = await self.store.sweep(None, self.notices.for_delayed, older_than=delayed)
             if warned:
                 log.info("delay_warnings_queued", count=warned)
 
