@@ -4,7 +4,7 @@ and run them in one asyncio event loop.
 Start-up: migrate the queue schema, give back leases this node left behind
 (a crash), start the group-commit writer, bind the listeners, start the
 deliverer and the scheduled jobs (probes every ``probe_interval``; expiry,
-delay warnings and lease recovery every minute).
+delay warnings and lease recovery every ``housekeeping_interval``).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
@@ -54,8 +54,6 @@ from backupmx.receive.recipients import CacheKeeper, Verifier
 from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx")
-
-HOUSEKEEPING_SECONDS = 60
 
 
 def node_name(hostname: str) -> str:
@@ -159,6 +157,8 @@ class App:
             messages_per_connection=delivery.messages_per_connection,
             timeouts=self.timeouts(),
             ca_file=delivery.ca_file,
+            max_recipients_in_flight=delivery.max_recipients_in_flight,
+            claim_batch=delivery.claim_batch,
         )
         pacers = Pacers(
             delivery.initial_connections_per_host,
@@ -175,7 +175,7 @@ class App:
         )
 
     async def housekeeping(self) -> None:
-        """Lease recovery, expiry with DSNs, delay warnings (every minute)."""
+        """Lease recovery, expiry with DSNs, delay warnings (every ``housekeeping_interval``)."""
         delivery = self.config.delivery
         now = utcnow()
         await self.store.release_expired_leases(now)
@@ -255,7 +255,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         scheduler.add_job(
             app.housekeeping,
             "interval",
-            seconds=HOUSEKEEPING_SECONDS,
+            seconds=config.delivery.housekeeping_interval,
             next_run_time=utcnow(),
             max_instances=1,
             coalesce=True,
@@ -263,7 +263,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         scheduler.add_job(
             CacheKeeper(store, lambda: app.config).run,
             "interval",
-            seconds=HOUSEKEEPING_SECONDS,
+            seconds=config.delivery.housekeeping_interval,
             max_instances=1,
             coalesce=True,
         )

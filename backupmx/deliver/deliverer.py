@@ -3,7 +3,8 @@
 Theory of operation (the layers of style.md, each owning one concern):
 
 1. `Deliverer.run` claims due recipients under a lease (several nodes may share
-   the queue) while fewer than `IN_FLIGHT` are being worked on, and wakes at once
+   the queue), ``claim_batch`` at a time, while fewer than
+   ``max_recipients_in_flight`` are being worked on, and wakes at once
    when a primary comes back, a flush is asked for, or ETRN arrives; otherwise it
    polls every `POLL_SECONDS`, so a CLI flush is picked up within a second.
 2. Claims are grouped by domain (one route each, from `Primaries`) and then by
@@ -53,9 +54,14 @@ from backupmx.queue.store import Claim, NewMessage, Outbound, Result, Store, utc
 
 log = structlog.get_logger("backupmx.deliver")
 
-IN_FLIGHT = 2000  # recipients claimed and not yet recorded, per node
-CLAIM_BATCH = 500
+# Constants, not settings: neither changes what is delivered, only how soon idle
+# work is noticed.  A wake-up (ETRN, a primary back) cuts the poll short in this
+# process; the poll is what sees recipients come due and a flush asked for by the
+# CLI or another node, and one second is as long as an operator should wait for it.
 POLL_SECONDS = 1.0
+# An idle connection is reused by the next message within this, and closed after it:
+# a flush keeps its connections busy, and a primary's own idle timeout (Postfix's
+# smtpd_timeout, 300 s) is far longer, so no operator has a reason to tune it.
 IDLE_CONNECTION_SECONDS = 10.0
 
 
@@ -68,6 +74,8 @@ class DeliverySettings:
     messages_per_connection: int
     timeouts: Timeouts
     ca_file: str
+    max_recipients_in_flight: int
+    claim_batch: int
 
 
 # The DSNs for one attempt's results (message, claims, outcomes, the host that
@@ -111,7 +119,10 @@ class Deliverer:
                 claimed_at = time.monotonic()
                 claims = await self.store.claim(
                     self.owner,
-                    min(CLAIM_BATCH, IN_FLIGHT - self._in_flight),
+                    min(
+                        self.settings.claim_batch,
+                        self.settings.max_recipients_in_flight - self._in_flight,
+                    ),
                     timedelta(seconds=self.settings.lease),
                 )
                 if not claims:
@@ -147,7 +158,9 @@ class Deliverer:
 
     async def _wait_for_room(self) -> None:
         async with self._room:
-            await self._room.wait_for(lambda: self._in_flight < IN_FLIGHT)
+            await self._room.wait_for(
+                lambda: self._in_flight < self.settings.max_recipients_in_flight
+            )
 
     async def _done(self, count: int) -> None:
         async with self._room:
