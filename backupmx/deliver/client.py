@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from backupmx.deliver.attempt import SendReport, broken_off, congestion, refusal
 from backupmx.deliver.route import is_ip
-from backupmx.mail.reply import Outcome, bounced, classify, deferred
+from backupmx.mail.reply import Outcome, classify
 from backupmx.mail.wire import on_the_wire
 from backupmx.queue.store import Claim, Outbound
 
@@ -76,14 +77,6 @@ class Target:
 
 
 @dataclass
-class SendReport:
-    outcomes: list[Outcome]
-    congestion: bool = False  # 421, 4xx to MAIL/DATA, a timeout: the pacer backs off
-    usable: bool = True  # the connection can carry the next message
-    dsn_supported: bool = True
-
-
-@dataclass
 class PrimaryConnection:
     target: Target
     smtp: aiosmtplib.SMTP
@@ -113,26 +106,17 @@ class PrimaryConnection:
             await self._transaction(message, recipients, hold_5xx, report)
         except aiosmtplib.SMTPTimeoutError as error:
             report.congestion, report.usable = True, False
-            self._defer_rest(report, len(recipients), f"timeout talking to {self.target}: {error}")
+            reason = f"timeout talking to {self.target}: {error}"
+            report.outcomes = broken_off(report.outcomes, len(recipients), reason)
         except (aiosmtplib.SMTPException, OSError) as error:
             report.usable = False
-            self._defer_rest(
-                report, len(recipients), f"lost connection with {self.target}: {error}"
-            )
+            reason = f"lost connection with {self.target}: {error}"
+            report.outcomes = broken_off(report.outcomes, len(recipients), reason)
         self.sent += 1
         return report
 
     def _refusal(self, message: Outbound) -> Outcome | None:
-        if message.smtputf8 and not self.supports("SMTPUTF8"):
-            return bounced(f"{self.target} does not support SMTPUTF8", "5.6.7")
-        if self.size_limit and message.size > self.size_limit:
-            return bounced(f"message size exceeds the limit of {self.target}", "5.3.4")
-        return None
-
-    @staticmethod
-    def _defer_rest(report: SendReport, total: int, reason: str) -> None:
-        report.outcomes = [o for o in report.outcomes if o.verdict != "delivered"]
-        report.outcomes += [deferred(reason)] * (total - len(report.outcomes))
+        return refusal(message, str(self.target), self.supports("SMTPUTF8"), self.size_limit)
 
     async def _transaction(
         self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool, report: SendReport
@@ -144,7 +128,7 @@ class PrimaryConnection:
         if mail.code != 250:
             outcome = classify(mail.code, mail.message, hold_5xx=hold_5xx)
             report.outcomes = [outcome] * len(recipients)
-            report.congestion = mail.code == 421 or mail.code // 100 == 4
+            report.congestion = congestion(mail.code)
             await self._reset(mail.code, report)
             return
         accepted: list[int] = []
@@ -169,7 +153,7 @@ class PrimaryConnection:
             data_outcome = classify(done.code, done.message)
         except aiosmtplib.SMTPDataError as error:
             data_outcome = classify(error.code, error.message, hold_5xx=hold_5xx)
-            report.congestion = error.code == 421 or error.code // 100 == 4
+            report.congestion = congestion(error.code)
             await self._reset(error.code, report)
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
 

@@ -16,6 +16,10 @@ Theory of operation (the layers of style.md, each owning one concern):
    the domain is marked down.
 4. Results go back to the store in one transaction with their DSNs.
 
+What each step's outcome means for the recipients (no route, a dead destination,
+no host reachable, the pacer's feedback, the rows for the store) is decided by the
+pure functions of `attempt.py`; this module does the waiting and the I/O.
+
 Invariants kept here: a recipient is recorded only by the lease owner; a
 delivered recipient is never sent again (partial results are recorded per
 recipient); no route ever includes this host (`route.plan` prunes it).
@@ -36,20 +40,22 @@ from typing import Any
 import structlog
 
 from backupmx import metrics
-from backupmx.deliver.client import (
-    ConnectFailed,
-    PrimaryConnection,
+from backupmx.deliver.attempt import (
     SendReport,
-    Target,
-    Timeouts,
-    connect,
+    dead_destination,
+    keeps_connection,
+    pacer_feedback,
+    result,
+    retry_time,
+    unreachable,
+    without_route,
 )
+from backupmx.deliver.client import ConnectFailed, PrimaryConnection, Target, Timeouts, connect
 from backupmx.deliver.pacer import HostPacer, Pacers
-from backupmx.deliver.primaries import Primaries, describe, target
-from backupmx.deliver.route import Bounce, RoutePlan
-from backupmx.deliver.schedule import next_attempt
-from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
-from backupmx.queue.state import VERDICT_EVENTS, Event
+from backupmx.deliver.primaries import Primaries, target
+from backupmx.deliver.route import Defer, RoutePlan
+from backupmx.mail.reply import Outcome, deferred
+from backupmx.queue.state import Event
 from backupmx.queue.store import Claim, NewMessage, Outbound, Result, Store, utcnow
 
 log = structlog.get_logger("backupmx.deliver")
@@ -173,12 +179,9 @@ class Deliverer:
         try:
             route = await self.primaries.route(domain)
             if not isinstance(route, RoutePlan):
-                reason = describe(route)
-                outcome = (
-                    bounced(reason, route.status) if isinstance(route, Bounce) else deferred(reason)
-                )
-                if not isinstance(route, Bounce):
-                    await self.primaries.observed(domain, False, reason, route)
+                outcome = without_route(route)
+                if isinstance(route, Defer):  # a bounce says nothing of the primary
+                    await self.primaries.observed(domain, False, route.reason, route)
                 messages = await self.store.outbound({c.message_id for c in claims})
                 await self._record_grouped(messages, claims, [outcome] * len(claims), None, True)
                 return
@@ -217,11 +220,9 @@ class Deliverer:
         claims: list[Claim],
         claimed_at: float,
     ) -> None:
-        down = self.primaries.down_since(domain)
-        if down is not None and down[0] >= claimed_at:
-            # The primary failed while this message waited for its turn (Postfix's
-            # dead destination): defer without knocking; the probes take over.
-            await self._record(message, claims, [deferred(down[1])] * len(claims), None, True)
+        waited = dead_destination(self.primaries.down_since(domain), claimed_at)
+        if waited is not None:
+            await self._record(message, claims, [waited] * len(claims), None, True)
             return
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
@@ -245,15 +246,16 @@ class Deliverer:
             await self._record(message, claims, report.outcomes, where, report.dsn_supported)
             await self.primaries.observed(domain, True, f"delivery via {where}", route)
             return
-        reason = "; ".join(failures) or "no host to try"
+        reason = unreachable(failures)
         await self._record(message, claims, [deferred(reason)] * len(claims), None, True)
         await self.primaries.observed(domain, False, reason, route)
 
     @staticmethod
     def _feedback(pacer: HostPacer, report: SendReport) -> None:
-        if report.congestion:
+        feedback = pacer_feedback(report)
+        if feedback == "congestion":
             pacer.congestion()
-        elif any(o.verdict is Verdict.DELIVERED for o in report.outcomes):
+        elif feedback == "success":
             pacer.success()
 
     async def _connection(self, where: Target, tls: str) -> PrimaryConnection:
@@ -267,7 +269,7 @@ class Deliverer:
         )
 
     async def _release(self, connection: PrimaryConnection, report: SendReport) -> None:
-        if report.usable and connection.sent < self.settings.messages_per_connection:
+        if keeps_connection(report, connection.sent, self.settings.messages_per_connection):
             self._idle[connection.target].append((asyncio.get_running_loop().time(), connection))
         else:
             await connection.close()
@@ -311,22 +313,12 @@ class Deliverer:
         where: Target | None,
         dsn_supported: bool,
     ) -> None:
-        now = utcnow()
-        # One retry time for the whole message, so its deferred recipients go out
-        # together again, in one transaction with the primary.
-        retry_at = next_attempt(
-            now,
-            max(c.attempts for c in claims),
-            self.settings.retry_min,
-            self.settings.retry_max,
-            self._rng,
+        retry_at = retry_time(
+            utcnow(), claims, self.settings.retry_min, self.settings.retry_max, self._rng
         )
         results = []
         for claim, outcome in zip(claims, outcomes, strict=True):
-            event = VERDICT_EVENTS[outcome.verdict]
-            when = retry_at if event is Event.TEMPFAIL else None
-            error = None if event is Event.SUCCESS else outcome.diagnostic
-            results.append(Result(claim.recipient_id, event, error, when))
+            results.append(result(claim, outcome, retry_at))
             metrics.recipient_result(claim.domain, outcome.verdict.value, message.received_at)
             log.info(
                 "recipient_" + outcome.verdict.value,
