@@ -8,7 +8,7 @@ delay warnings and lease recovery every ``housekeeping_interval``).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
-configuration kept.  SIGTERM/SIGINT drain the listener (design.md §4), stop the
+configuration kept.  SIGTERM/SIGINT drain the listener (docs/contracts.md), stop the
 deliverer, give back its leases and close the store, so nothing is left
 half-written.
 

@@ -1,4 +1,4 @@
-"""Typed configuration: the TOML file of design.md §4 and the quick-start flags.
+"""Typed configuration: the TOML file of docs/contracts.md and the quick-start flags.
 
 Every limit is a named setting here, with its default and the reason for it next
 to the field.  Everything else in backupmx receives the parts it needs as

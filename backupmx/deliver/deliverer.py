@@ -1,6 +1,6 @@
 """The delivery loop: due recipients → routes → paced connections → results in the store.
 
-Theory of operation (the layers of style.md, each owning one concern):
+Theory of operation (layers, each owning one concern; docs/delivering.md):
 
 1. `Deliverer.run` claims due recipients under a lease (several nodes may share
    the queue), ``claim_batch`` at a time, while fewer than

@@ -1,6 +1,6 @@
 """Route planning (RFC 5321 §5.1): which hosts get a domain's mail, in which order — or none.
 
-Owns invariant 4 (design.md §2): the backup never delivers to itself nor to any
+Owns invariant 4 (docs/queue.md): the backup never delivers to itself nor to any
 MX at its own preference or worse.  If this host appears in a domain's MX set —
 by name, or because one of an MX host's addresses is ours — every MX with a
 preference >= our best one is dropped; if nothing is left, the mail stays

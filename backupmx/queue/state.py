@@ -17,8 +17,8 @@ Theory of operation::
       └──expire──▶ expired (DSN)
 
 Invariants: `delivered`, `bounced` and `expired` are final — nothing leaves them
-(invariant 2: every accepted recipient ends in one of them or is deleted by an
-admin).  Only `sending` rows carry a lease.
+(invariant 2 of docs/queue.md: every accepted recipient ends in one of them or is
+deleted by an admin).  Only `sending` rows carry a lease.
 
 A delivery attempt ends in a `Verdict` (``mail/reply.py``: what the primary's
 reply means), and `VERDICT_EVENTS` is the one place that turns it into the event
