@@ -7,14 +7,16 @@ deliverer and the SMTP client do the I/O and ask here what it means:
   null MX or NXDOMAIN, deferred otherwise), a primary that failed while the
   message waited for its turn (`dead_destination`), a message the primary
   cannot take (`refusal`: SMTPUTF8, SIZE);
-* while sending — which replies are signs of congestion for the host's pacer
-  (`congestion`), and what is left of the results when the connection breaks
-  (`broken_off`);
+* while sending — which replies accept a sender or recipient (`accepted`), what
+  the reply ending DATA means (`after_data`), which replies are signs of
+  congestion for the host's pacer (`congestion`), and what is left of the results
+  when the connection breaks (`broken_off`);
 * after sending — no host could be reached (`unreachable`), what the report
   tells the pacer (`pacer_feedback`) and whether the connection is kept
   (`keeps_connection`), and the rows for the store (`retry_time`, `result`).
 
-Invariants kept here: every recipient of an attempt gets exactly one outcome; the
+Invariants kept here: every recipient of an attempt gets exactly one outcome, in
+its place; a recipient is delivered only by a 2xx to the body sent after 354; the
 deferred recipients of one message share one retry time, so they go out together
 again (one transaction with the primary, not one per recipient).
 """
@@ -29,7 +31,7 @@ from typing import Literal
 
 from backupmx.deliver.route import Bounce, Defer
 from backupmx.deliver.schedule import next_attempt
-from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
+from backupmx.mail.reply import Outcome, Verdict, bounced, classify, deferred
 from backupmx.queue.state import VERDICT_EVENTS, Event
 from backupmx.queue.store import Claim, Outbound, Result
 
@@ -77,15 +79,34 @@ def refusal(message: Outbound, host: str, smtputf8: bool, size_limit: int) -> Ou
 # --------------------------------------------------------------------------- while sending
 
 
+def accepted(code: int) -> bool:
+    """A reply to MAIL or RCPT that takes the sender or the recipient: any 2xx (RFC 5321
+    §4.2.1: the first digit decides; Postfix checks ``code / 100 == 2``).  A 252 taken
+    for a refusal would be classified delivered without the body ever being sent."""
+    return code // 100 == 2
+
+
+def after_data(code: int, text: str, hold_5xx: bool, body_sent: bool) -> Outcome:
+    """The accepted recipients' outcome from the reply that ended DATA: the reply to the
+    body, or the refusal of DATA itself (not 354), after which nothing was sent.  Then
+    no reply delivers: a 2xx there is a protocol error, a temporary failure (4.5.0), as
+    Postfix's smtp_mesg_fail makes it."""
+    outcome = classify(code, text, hold_5xx=hold_5xx)
+    if outcome.verdict is Verdict.DELIVERED and not body_sent:
+        return Outcome(Verdict.DEFERRED, code, "4.5.0", outcome.text)
+    return outcome
+
+
 def congestion(code: int) -> bool:
     """A reply to MAIL or DATA that asks us to slow down: 421 or any 4xx."""
     return code // 100 == 4
 
 
 def broken_off(outcomes: Sequence[Outcome], total: int, reason: str) -> list[Outcome]:
-    """The outcomes when the connection broke mid-transaction: the answers that were
-    not deliveries are kept, and deferrals for `reason` fill up to `total`."""
-    kept = [o for o in outcomes if o.verdict != Verdict.DELIVERED]
+    """The outcomes when the connection broke mid-transaction: the refusals already
+    answered are kept in their places; every other recipient, one taken for delivered
+    included, is deferred for `reason`."""
+    kept = [deferred(reason) if o.verdict is Verdict.DELIVERED else o for o in outcomes]
     return kept + [deferred(reason)] * (total - len(kept))
 
 

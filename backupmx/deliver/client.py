@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from backupmx.deliver.attempt import SendReport, broken_off, congestion, refusal
+from backupmx.deliver.attempt import (
+    SendReport,
+    accepted,
+    after_data,
+    broken_off,
+    congestion,
+    refusal,
+)
 from backupmx.deliver.route import is_ip
 from backupmx.mail.reply import Outcome, classify
 from backupmx.mail.wire import on_the_wire
@@ -47,6 +54,10 @@ class ConnectFailed(Exception):
 
 class TlsFailed(ConnectFailed):
     """The STARTTLS handshake failed (retried in the clear when tls = "may")."""
+
+
+class DataRefused(aiosmtplib.SMTPDataError):
+    """A reply other than 354 to DATA: the body was not sent."""
 
 
 @dataclass(frozen=True)
@@ -125,26 +136,26 @@ class PrimaryConnection:
         mail = await smtp.execute_command(
             b"MAIL", b"FROM:<" + message.sender.encode() + b">", *self._mail_options(message)
         )
-        if mail.code != 250:
+        if not accepted(mail.code):
             outcome = classify(mail.code, mail.message, hold_5xx=hold_5xx)
             report.outcomes = [outcome] * len(recipients)
             report.congestion = congestion(mail.code)
             await self._reset(mail.code, report)
             return
-        accepted: list[int] = []
+        taken: list[int] = []
         outcomes: list[Outcome | None] = []
         for index, recipient in enumerate(recipients):
             rcpt = await smtp.execute_command(
                 b"RCPT", b"TO:<" + recipient.address.encode() + b">", *self._rcpt_options(recipient)
             )
-            if rcpt.code in (250, 251):
-                accepted.append(index)
+            if accepted(rcpt.code):
+                taken.append(index)
                 outcomes.append(None)
             else:
                 outcomes.append(classify(rcpt.code, rcpt.message, hold_5xx=hold_5xx))
                 if rcpt.code == 421:
                     report.congestion = True
-        if not accepted:
+        if not taken:
             report.outcomes = [o for o in outcomes if o is not None]
             await self._reset(0, report)
             return
@@ -152,7 +163,8 @@ class PrimaryConnection:
             done = await self._data(message.body)
             data_outcome = classify(done.code, done.message)
         except aiosmtplib.SMTPDataError as error:
-            data_outcome = classify(error.code, error.message, hold_5xx=hold_5xx)
+            sent = not isinstance(error, DataRefused)
+            data_outcome = after_data(error.code, error.message, hold_5xx, sent)
             report.congestion = congestion(error.code)
             await self._reset(error.code, report)
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
@@ -165,7 +177,7 @@ class PrimaryConnection:
         timeout = self.timeouts.data
         start = await self.smtp.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+            raise DataRefused(start.code, start.message)
         protocol = self.smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")

@@ -10,6 +10,8 @@ import pytest
 
 from backupmx.deliver.attempt import (
     SendReport,
+    accepted,
+    after_data,
     broken_off,
     congestion,
     dead_destination,
@@ -116,6 +118,40 @@ def test_a_break_never_leaves_a_recipient_delivered() -> None:
     delivered = classify(250, "ok")
     outcomes = broken_off([delivered, delivered], 2, "lost")
     assert [o.verdict for o in outcomes] == [Verdict.DEFERRED, Verdict.DEFERRED]
+
+
+def test_a_break_keeps_every_answer_in_its_recipients_place() -> None:
+    refused = classify(550, "5.1.1 unknown")
+    outcomes = broken_off([classify(250, "ok"), refused], 3, "lost")
+    assert outcomes == [deferred("lost"), refused, deferred("lost")]
+
+
+@pytest.mark.parametrize(
+    ("code", "takes"),
+    [(250, True), (251, True), (252, True), (354, False), (421, False), (450, False), (550, False)],
+)
+def test_any_2xx_to_mail_or_rcpt_takes_it(code: int, takes: bool) -> None:
+    assert accepted(code) is takes
+
+
+def test_the_reply_to_the_body_decides_the_accepted_recipients() -> None:
+    assert after_data(250, "2.0.0 queued", False, body_sent=True).verdict is Verdict.DELIVERED
+    assert after_data(552, "5.3.4 too big", False, body_sent=True).verdict is Verdict.BOUNCED
+    assert after_data(554, "5.7.1 no", True, body_sent=True).verdict is Verdict.HELD
+    assert after_data(451, "4.3.0 later", False, body_sent=True).verdict is Verdict.DEFERRED
+
+
+def test_a_refused_data_command_fails_as_its_reply_says() -> None:
+    assert (
+        after_data(554, "5.5.1 no valid recipients", False, body_sent=False).verdict
+        is Verdict.BOUNCED
+    )
+    assert after_data(451, "4.3.0 later", False, body_sent=False).verdict is Verdict.DEFERRED
+
+
+def test_a_2xx_instead_of_354_delivers_nothing() -> None:
+    outcome = after_data(250, "ok", False, body_sent=False)
+    assert (outcome.verdict, outcome.code, outcome.status) == (Verdict.DEFERRED, 250, "4.5.0")
 
 
 # --------------------------------------------------------------------------- after sending
