@@ -4,7 +4,7 @@ and run them in one asyncio event loop.
 Start-up: migrate the queue schema, give back leases this node left behind
 (a crash), start the group-commit writer, bind the listeners, start the
 deliverer and the scheduled jobs (probes every ``probe_interval``; expiry,
-delay warnings and lease recovery every minute).
+delay warnings and lease recovery every ``housekeeping_interval``).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
@@ -25,7 +25,6 @@ import asyncio
 import signal
 import socket
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -41,6 +40,7 @@ from backupmx.deliver.deliverer import Deliverer, DeliverySettings
 from backupmx.deliver.pacer import Pacers
 from backupmx.deliver.primaries import DomainPolicy, Primaries
 from backupmx.deliver.route import Identity, local_addresses
+from backupmx.deliver.schedule import expires_before, warns_before
 from backupmx.mail.domains import DomainNames
 from backupmx.mail.hosts import parse_host_port
 from backupmx.notify import Notifier
@@ -55,8 +55,6 @@ from backupmx.receive.recipients import CacheKeeper, Verifier
 from backupmx.resolver import Resolver
 
 log = structlog.get_logger("backupmx")
-
-HOUSEKEEPING_SECONDS = 60
 
 
 def node_name(hostname: str) -> str:
@@ -160,6 +158,8 @@ class App:
             messages_per_connection=delivery.messages_per_connection,
             timeouts=self.timeouts(),
             ca_file=delivery.ca_file,
+            max_recipients_in_flight=delivery.max_recipients_in_flight,
+            claim_batch=delivery.claim_batch,
         )
         pacers = Pacers(
             delivery.initial_connections_per_host,
@@ -176,23 +176,20 @@ class App:
         )
 
     async def housekeeping(self) -> None:
-        """Lease recovery, expiry with DSNs, delay warnings (every minute)."""
+        """Lease recovery, expiry with DSNs, delay warnings (every ``housekeeping_interval``)."""
         delivery = self.config.delivery
         now = utcnow()
         await self.store.release_expired_leases(now)
         expired = await self.store.sweep(
             Event.EXPIRE,
             self._expired,
-            older_than=now - timedelta(seconds=delivery.max_queue_lifetime),
+            older_than=expires_before(now, delivery.max_queue_lifetime),
         )
         if expired:
             log.info("recipients_expired", count=expired)
-        if delivery.delay_warning > 0:
-            warned = await self.store.sweep(
-                None,
-                self.notices.for_delayed,
-                older_than=now - timedelta(seconds=delivery.delay_warning),
-            )
+        delayed = warns_before(now, delivery.delay_warning)
+        if delayed is not None:
+            warned = await self.store.sweep(None, self.notices.for_delayed, older_than=delayed)
             if warned:
                 log.info("delay_warnings_queued", count=warned)
 
@@ -259,7 +256,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         scheduler.add_job(
             app.housekeeping,
             "interval",
-            seconds=HOUSEKEEPING_SECONDS,
+            seconds=config.delivery.housekeeping_interval,
             next_run_time=utcnow(),
             max_instances=1,
             coalesce=True,
@@ -267,7 +264,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         scheduler.add_job(
             CacheKeeper(store, lambda: app.config).run,
             "interval",
-            seconds=HOUSEKEEPING_SECONDS,
+            seconds=config.delivery.housekeeping_interval,
             max_instances=1,
             coalesce=True,
         )

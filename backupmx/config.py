@@ -167,6 +167,17 @@ class Delivery:
     lease: Annotated[float, Duration] = 600.0  # how long a claimed recipient is ours
     tls: Literal["may", "verify"] = "may"  # opportunistic STARTTLS, or a valid certificate
     ca_file: str = ""  # CA bundle for tls = "verify"; empty: the system's
+    # Recipients claimed and not yet recorded, per node: the deliverer's whole
+    # working set (each claimed message's body is in memory while it is sent).  It
+    # bounds memory during a flush, and how much one node takes from a shared queue.
+    # These three are read at start-up only.
+    max_recipients_in_flight: int = 2000
+    # Recipients leased by one claim query.  Smaller batches start a flush sooner and
+    # leave more to the other nodes; larger ones mean fewer queries.
+    claim_batch: int = 500
+    # How often lease recovery, expiry, delay warnings and the recipient-verification
+    # cache's upkeep run.  Expiry and warnings are late by at most this much.
+    housekeeping_interval: Annotated[float, Duration] = 60.0
 
 
 @dataclass(frozen=True)
@@ -523,6 +534,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("delivery.retry_min", "is larger than delivery.retry_max")
     if config.delivery.max_connections_per_host < 1:
         raise ConfigError("delivery.max_connections_per_host", "must be at least 1")
+    if config.delivery.max_recipients_in_flight < 1:
+        raise ConfigError("delivery.max_recipients_in_flight", "must be at least 1")
+    if config.delivery.claim_batch < 1:
+        raise ConfigError("delivery.claim_batch", "must be at least 1")
+    if config.delivery.housekeeping_interval < 1:
+        raise ConfigError("delivery.housekeeping_interval", "must be at least 1s")
     limits = config.limits
     if limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients", "must be at least 1")

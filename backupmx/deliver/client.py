@@ -34,8 +34,16 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from backupmx.deliver.attempt import (
+    SendReport,
+    accepted,
+    after_data,
+    broken_off,
+    congestion,
+    refusal,
+)
 from backupmx.deliver.route import is_ip
-from backupmx.mail.reply import Outcome, bounced, classify, deferred
+from backupmx.mail.reply import Outcome, classify
 from backupmx.mail.wire import on_the_wire
 from backupmx.queue.records import Claim, Outbound
 
@@ -46,6 +54,10 @@ class ConnectFailed(Exception):
 
 class TlsFailed(ConnectFailed):
     """The STARTTLS handshake failed (retried in the clear when tls = "may")."""
+
+
+class DataRefused(aiosmtplib.SMTPDataError):
+    """A reply other than 354 to DATA: the body was not sent."""
 
 
 @dataclass(frozen=True)
@@ -73,14 +85,6 @@ class Target:
         """The host's DNS name (RFC 3464 §2.3.5 Remote-MTA); None for a bare address
         (a static primary or an address literal)."""
         return None if is_ip(self.host) else self.host
-
-
-@dataclass
-class SendReport:
-    outcomes: list[Outcome]
-    congestion: bool = False  # 421, 4xx to MAIL/DATA, a timeout: the pacer backs off
-    usable: bool = True  # the connection can carry the next message
-    dsn_supported: bool = True
 
 
 @dataclass
@@ -113,26 +117,17 @@ class PrimaryConnection:
             await self._transaction(message, recipients, hold_5xx, report)
         except aiosmtplib.SMTPTimeoutError as error:
             report.congestion, report.usable = True, False
-            self._defer_rest(report, len(recipients), f"timeout talking to {self.target}: {error}")
+            reason = f"timeout talking to {self.target}: {error}"
+            report.outcomes = broken_off(report.outcomes, len(recipients), reason)
         except (aiosmtplib.SMTPException, OSError) as error:
             report.usable = False
-            self._defer_rest(
-                report, len(recipients), f"lost connection with {self.target}: {error}"
-            )
+            reason = f"lost connection with {self.target}: {error}"
+            report.outcomes = broken_off(report.outcomes, len(recipients), reason)
         self.sent += 1
         return report
 
     def _refusal(self, message: Outbound) -> Outcome | None:
-        if message.smtputf8 and not self.supports("SMTPUTF8"):
-            return bounced(f"{self.target} does not support SMTPUTF8", "5.6.7")
-        if self.size_limit and message.size > self.size_limit:
-            return bounced(f"message size exceeds the limit of {self.target}", "5.3.4")
-        return None
-
-    @staticmethod
-    def _defer_rest(report: SendReport, total: int, reason: str) -> None:
-        report.outcomes = [o for o in report.outcomes if o.verdict != "delivered"]
-        report.outcomes += [deferred(reason)] * (total - len(report.outcomes))
+        return refusal(message, str(self.target), self.supports("SMTPUTF8"), self.size_limit)
 
     async def _transaction(
         self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool, report: SendReport
@@ -141,26 +136,26 @@ class PrimaryConnection:
         mail = await smtp.execute_command(
             b"MAIL", b"FROM:<" + message.sender.encode() + b">", *self._mail_options(message)
         )
-        if mail.code != 250:
+        if not accepted(mail.code):
             outcome = classify(mail.code, mail.message, hold_5xx=hold_5xx)
             report.outcomes = [outcome] * len(recipients)
-            report.congestion = mail.code == 421 or mail.code // 100 == 4
+            report.congestion = congestion(mail.code)
             await self._reset(mail.code, report)
             return
-        accepted: list[int] = []
+        taken: list[int] = []
         outcomes: list[Outcome | None] = []
         for index, recipient in enumerate(recipients):
             rcpt = await smtp.execute_command(
                 b"RCPT", b"TO:<" + recipient.address.encode() + b">", *self._rcpt_options(recipient)
             )
-            if rcpt.code in (250, 251):
-                accepted.append(index)
+            if accepted(rcpt.code):
+                taken.append(index)
                 outcomes.append(None)
             else:
                 outcomes.append(classify(rcpt.code, rcpt.message, hold_5xx=hold_5xx))
                 if rcpt.code == 421:
                     report.congestion = True
-        if not accepted:
+        if not taken:
             report.outcomes = [o for o in outcomes if o is not None]
             await self._reset(0, report)
             return
@@ -168,8 +163,9 @@ class PrimaryConnection:
             done = await self._data(message.body)
             data_outcome = classify(done.code, done.message)
         except aiosmtplib.SMTPDataError as error:
-            data_outcome = classify(error.code, error.message, hold_5xx=hold_5xx)
-            report.congestion = error.code == 421 or error.code // 100 == 4
+            sent = not isinstance(error, DataRefused)
+            data_outcome = after_data(error.code, error.message, hold_5xx, sent)
+            report.congestion = congestion(error.code)
             await self._reset(error.code, report)
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
 
@@ -181,7 +177,7 @@ class PrimaryConnection:
         timeout = self.timeouts.data
         start = await self.smtp.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+            raise DataRefused(start.code, start.message)
         protocol = self.smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")

@@ -4,7 +4,8 @@ Theory of operation (the layers of docs/delivering.md#the-delivery-loop, each ow
 one concern):
 
 1. `Deliverer.run` claims due recipients under a lease (several nodes may share
-   the queue) while fewer than `IN_FLIGHT` are being worked on, and wakes at once
+   the queue), ``claim_batch`` at a time, while fewer than
+   ``max_recipients_in_flight`` are being worked on, and wakes at once
    when a primary comes back, a flush is asked for, or ETRN arrives; otherwise it
    polls every `POLL_SECONDS`, so a CLI flush is picked up within a second.
 2. Claims are grouped by domain (one route each, from `Primaries`) and then by
@@ -15,6 +16,10 @@ one concern):
    reached is skipped for the next; if none can, the recipients are deferred and
    the domain is marked down.
 4. Results go back to the store in one transaction with their DSNs.
+
+What each step's outcome means for the recipients (no route, a dead destination,
+no host reachable, the pacer's feedback, the rows for the store) is decided by the
+pure functions of `attempt.py`; this module does the waiting and the I/O.
 
 Invariants kept here: a recipient is recorded only by the lease owner; a
 delivered recipient is never sent again (partial results are recorded per
@@ -36,36 +41,36 @@ from typing import Any
 import structlog
 
 from backupmx import metrics
-from backupmx.deliver.client import (
-    ConnectFailed,
-    PrimaryConnection,
+from backupmx.deliver.attempt import (
     SendReport,
-    Target,
-    Timeouts,
-    connect,
+    dead_destination,
+    keeps_connection,
+    pacer_feedback,
+    result,
+    retry_time,
+    unreachable,
+    without_route,
 )
+from backupmx.deliver.client import ConnectFailed, PrimaryConnection, Target, Timeouts, connect
 from backupmx.deliver.pacer import HostPacer, Pacers
-from backupmx.deliver.primaries import Primaries, describe, target
-from backupmx.deliver.route import Bounce, RoutePlan
-from backupmx.deliver.schedule import next_attempt
-from backupmx.mail.reply import Outcome, Verdict, bounced, deferred
+from backupmx.deliver.primaries import Primaries, target
+from backupmx.deliver.route import Defer, RoutePlan
+from backupmx.mail.reply import Outcome, deferred
 from backupmx.queue.records import Claim, NewMessage, Outbound, Result, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx.deliver")
 
-IN_FLIGHT = 2000  # recipients claimed and not yet recorded, per node
-CLAIM_BATCH = 500
+# Constants, not settings: neither changes what is delivered, only how soon idle
+# work is noticed.  A wake-up (ETRN, a primary back) cuts the poll short in this
+# process; the poll is what sees recipients come due and a flush asked for by the
+# CLI or another node, and one second is as long as an operator should wait for it.
 POLL_SECONDS = 1.0
+# An idle connection is reused by the next message within this, and closed after it:
+# a flush keeps its connections busy, and a primary's own idle timeout (Postfix's
+# smtpd_timeout, 300 s) is far longer, so no operator has a reason to tune it.
 IDLE_CONNECTION_SECONDS = 10.0
-
-_EVENTS = {
-    Verdict.DELIVERED: Event.SUCCESS,
-    Verdict.DEFERRED: Event.TEMPFAIL,
-    Verdict.BOUNCED: Event.PERMFAIL,
-    Verdict.HELD: Event.QUARANTINE,
-}
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class DeliverySettings:
     messages_per_connection: int
     timeouts: Timeouts
     ca_file: str
+    max_recipients_in_flight: int
+    claim_batch: int
 
 
 # The DSNs for one attempt's results (message, claims, outcomes, the host that
@@ -120,7 +127,10 @@ class Deliverer:
                 claimed_at = time.monotonic()
                 claims = await self.store.claim(
                     self.owner,
-                    min(CLAIM_BATCH, IN_FLIGHT - self._in_flight),
+                    min(
+                        self.settings.claim_batch,
+                        self.settings.max_recipients_in_flight - self._in_flight,
+                    ),
                     timedelta(seconds=self.settings.lease),
                 )
                 if not claims:
@@ -156,7 +166,9 @@ class Deliverer:
 
     async def _wait_for_room(self) -> None:
         async with self._room:
-            await self._room.wait_for(lambda: self._in_flight < IN_FLIGHT)
+            await self._room.wait_for(
+                lambda: self._in_flight < self.settings.max_recipients_in_flight
+            )
 
     async def _done(self, count: int) -> None:
         async with self._room:
@@ -169,12 +181,9 @@ class Deliverer:
         try:
             route = await self.primaries.route(domain)
             if not isinstance(route, RoutePlan):
-                reason = describe(route)
-                outcome = (
-                    bounced(reason, route.status) if isinstance(route, Bounce) else deferred(reason)
-                )
-                if not isinstance(route, Bounce):
-                    await self.primaries.observed(domain, False, reason, route)
+                outcome = without_route(route)
+                if isinstance(route, Defer):  # a bounce says nothing of the primary
+                    await self.primaries.observed(domain, False, route.reason, route)
                 messages = await self.store.outbound({c.message_id for c in claims})
                 await self._record_grouped(messages, claims, [outcome] * len(claims), None, True)
                 return
@@ -213,11 +222,9 @@ class Deliverer:
         claims: list[Claim],
         claimed_at: float,
     ) -> None:
-        down = self.primaries.down_since(domain)
-        if down is not None and down[0] >= claimed_at:
-            # The primary failed while this message waited for its turn (Postfix's
-            # dead destination): defer without knocking; the probes take over.
-            await self._record(message, claims, [deferred(down[1])] * len(claims), None, True)
+        waited = dead_destination(self.primaries.down_since(domain), claimed_at)
+        if waited is not None:
+            await self._record(message, claims, [waited] * len(claims), None, True)
             return
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
@@ -241,15 +248,16 @@ class Deliverer:
             await self._record(message, claims, report.outcomes, where, report.dsn_supported)
             await self.primaries.observed(domain, True, f"delivery via {where}", route)
             return
-        reason = "; ".join(failures) or "no host to try"
+        reason = unreachable(failures)
         await self._record(message, claims, [deferred(reason)] * len(claims), None, True)
         await self.primaries.observed(domain, False, reason, route)
 
     @staticmethod
     def _feedback(pacer: HostPacer, report: SendReport) -> None:
-        if report.congestion:
+        feedback = pacer_feedback(report)
+        if feedback == "congestion":
             pacer.congestion()
-        elif any(o.verdict is Verdict.DELIVERED for o in report.outcomes):
+        elif feedback == "success":
             pacer.success()
 
     async def _connection(self, where: Target, tls: str) -> PrimaryConnection:
@@ -263,7 +271,7 @@ class Deliverer:
         )
 
     async def _release(self, connection: PrimaryConnection, report: SendReport) -> None:
-        if report.usable and connection.sent < self.settings.messages_per_connection:
+        if keeps_connection(report, connection.sent, self.settings.messages_per_connection):
             self._idle[connection.target].append((asyncio.get_running_loop().time(), connection))
         else:
             await connection.close()
@@ -307,22 +315,12 @@ class Deliverer:
         where: Target | None,
         dsn_supported: bool,
     ) -> None:
-        now = utcnow()
-        # One retry time for the whole message, so its deferred recipients go out
-        # together again, in one transaction with the primary.
-        retry_at = next_attempt(
-            now,
-            max(c.attempts for c in claims),
-            self.settings.retry_min,
-            self.settings.retry_max,
-            self._rng,
+        retry_at = retry_time(
+            utcnow(), claims, self.settings.retry_min, self.settings.retry_max, self._rng
         )
         results = []
         for claim, outcome in zip(claims, outcomes, strict=True):
-            event = _EVENTS[outcome.verdict]
-            when = retry_at if event is Event.TEMPFAIL else None
-            error = None if event is Event.SUCCESS else outcome.diagnostic
-            results.append(Result(claim.recipient_id, event, error, when))
+            results.append(result(claim, outcome, retry_at))
             metrics.recipient_result(claim.domain, outcome.verdict.value, message.received_at)
             log.info(
                 "recipient_" + outcome.verdict.value,

@@ -27,9 +27,12 @@ Decisions, for a domain:
 
 Who "self" is (`Identity`) is decided by the caller's data, never by "is
 loopback": tests run every primary on 127.0.0.x, and a loopback address is us
-only when we listen on it.  `route_mx`, `route_static`, `route_literal` and the `Identity` methods
-are pure; `plan` is the only I/O (DNS through `Resolver`); `local_addresses` reads
-the kernel's address lists once at start-up.
+only when we listen on it.
+
+`route_mx`, `route_static`, `route_literal` and the `Identity` methods are pure;
+`route_mx` is four pure steps (`mx_set`, `self_preference`, `better_than`,
+`in_order`).  `plan` is the only I/O (DNS through `Resolver`); `local_addresses`
+reads the kernel's address lists once at start-up.
 """
 
 from __future__ import annotations
@@ -250,9 +253,26 @@ def route_mx(
     port: int,
     rng: random.Random,
 ) -> Route:
-    """Decide from a domain's MX answer and the addresses of its hosts (keyed by host name)."""
+    """Decide from a domain's MX answer and the addresses of its hosts (keyed by host name),
+    in four steps: `mx_set`, `self_preference`, `better_than`, `in_order`."""
     domain = _name(domain)
-    source: Literal["mx", "implicit"] = "mx"
+    candidates = mx_set(domain, mx)
+    if not isinstance(candidates, list):
+        return candidates
+    ours = self_preference(candidates, addresses, identity, port)
+    records = better_than(candidates, ours)
+    if ours is not None and not records:
+        return Defer(
+            f"no MX better than this host for {domain} (this host is MX preference {ours})"
+        )
+    hops, problems = in_order(records, addresses, port, rng)
+    return _plan(domain, hops, "implicit" if isinstance(mx, NoData) else "mx", problems)
+
+
+def mx_set(domain: str, mx: MxAnswer) -> list[MxRecord] | Bounce | Defer:
+    """The MX hosts an answer names, each once at its best preference (``.`` targets
+    name no host); no MX record at all: the domain itself at preference 0 (RFC 5321
+    §5.1, the implicit MX).  A null MX or NXDOMAIN bounces, a failed lookup defers."""
     if isinstance(mx, NullMx):
         return Bounce(556, "5.1.10", f"{domain} does not accept mail (null MX, RFC 7505)")
     if isinstance(mx, NxDomain):
@@ -260,28 +280,50 @@ def route_mx(
     if isinstance(mx, TempFail):
         return Defer(f"DNS: {mx.reason}")
     if isinstance(mx, NoData):
-        records = [MxRecord(0, domain)]  # RFC 5321 §5.1: the implicit MX
-        source = "implicit"
-    else:
-        records = _best_per_host(mx)
+        return [MxRecord(0, domain)]
+    best: dict[str, int] = {}
+    for record in mx.records:
+        if record.host and record.preference < best.get(record.host, 65536):
+            best[record.host] = record.preference
+    return [MxRecord(preference, host) for host, preference in best.items()]
 
+
+def self_preference(
+    records: Sequence[MxRecord],
+    addresses: Mapping[str, AddressAnswer],
+    identity: Identity,
+    port: int,
+) -> int | None:
+    """This host's best preference in the MX set — a host is us by name, or by any one
+    of its addresses — or None when we are not in it."""
     mine = [
         r.preference
         for r in records
         if identity.is_self_name(r.host)
         or any(identity.is_self_mx(a, port) for a in _found(addresses.get(r.host)))
     ]
-    if mine:
-        ours = min(mine)
-        records = [r for r in records if r.preference < ours]
-        if not records:
-            return Defer(
-                f"no MX better than this host for {domain} (this host is MX preference {ours})"
-            )
+    return min(mine, default=None)
 
+
+def better_than(records: list[MxRecord], ours: int | None) -> list[MxRecord]:
+    """Invariant 4: the MX hosts strictly better than our own preference (all of them
+    when we are not in the set)."""
+    return records if ours is None else [r for r in records if r.preference < ours]
+
+
+def in_order(
+    records: Sequence[MxRecord],
+    addresses: Mapping[str, AddressAnswer],
+    port: int,
+    rng: random.Random,
+) -> tuple[tuple[Hop, ...], list[str]]:
+    """The hops to try and why hosts were left out.  Better preferences first; hosts of
+    one preference sorted, then shuffled by ``rng`` (the order depends on it alone, not
+    on DNS's); each host's addresses in resolver order; each address and port once, at
+    its first (best) place.  A host without an address is left out, with its reason."""
     hops: list[Hop] = []
     problems: list[str] = []
-    for preference, group in groupby(sorted(records, key=lambda r: r.preference), _preference):
+    for preference, group in groupby(sorted(records, key=_preference), _preference):
         hosts = sorted(r.host for r in group)
         rng.shuffle(hosts)
         for host in hosts:
@@ -289,7 +331,7 @@ def route_mx(
             if not isinstance(answer, Addresses):
                 problems.append(f"{host}: {_describe(answer)}")
             hops += (Hop(host, a, port, preference) for a in _found(answer))
-    return _plan(domain, _unique(hops), source, problems)
+    return _unique(hops), problems
 
 
 def route_static(
@@ -328,15 +370,6 @@ def route_literal(domain: str, identity: Identity, port: int) -> RoutePlan | Def
     if identity.is_self_mx(address, port):
         return Defer(f"address literal {domain} is this host")
     return RoutePlan(domain, (Hop(address, address, port, 0),), "literal")
-
-
-def _best_per_host(mx: MxRecords) -> list[MxRecord]:
-    """Drop ``.`` targets (no host) and keep each host once, at its best preference."""
-    best: dict[str, int] = {}
-    for record in mx.records:
-        if record.host and record.preference < best.get(record.host, 65536):
-            best[record.host] = record.preference
-    return [MxRecord(preference, host) for host, preference in best.items()]
 
 
 def _preference(record: MxRecord) -> int:

@@ -1,9 +1,13 @@
-"""When a deferred recipient is tried again: exponential backoff between two bounds.
+"""When a deferred recipient is tried again, and when the queue gives up on it.
 
 Pure.  After attempt n the wait is retry_min·2^(n-1), capped at retry_max, with
 ±10 % jitter so that recipients deferred together do not come due together.
 This paces recipients a *reachable* primary deferred; a primary that was down
 is retried when its probe succeeds (`primaries`), not when backoff says so.
+
+Expiry and the delay warning count from when the message was received, not from
+any attempt: the housekeeping job sweeps the pending recipients of messages
+received before `expires_before` (expired, with a DSN) and `warns_before`.
 """
 
 from __future__ import annotations
@@ -32,5 +36,12 @@ def next_attempt(
     return now + timedelta(seconds=backoff(attempts, retry_min, retry_max, rng))
 
 
-def expired(received_at: datetime, now: datetime, max_queue_lifetime: float) -> bool:
-    return (now - received_at).total_seconds() >= max_queue_lifetime
+def expires_before(now: datetime, max_queue_lifetime: float) -> datetime:
+    """Mail received before this moment has outlived ``max_queue_lifetime``."""
+    return now - timedelta(seconds=max_queue_lifetime)
+
+
+def warns_before(now: datetime, delay_warning: float) -> datetime | None:
+    """Mail received before this moment and still pending earns its sender a delay
+    warning; None when ``delay_warning`` is 0 (off, Postfix's default)."""
+    return now - timedelta(seconds=delay_warning) if delay_warning > 0 else None

@@ -28,6 +28,11 @@ _UNDECODABLE = re.compile(r"[\ud800-\udfff]")
 
 
 class Verdict(StrEnum):
+    """What a reply means for the recipient.  Each verdict is applied as one event of
+    the recipient table (``queue/state.py``'s `VERDICT_EVENTS`); the values name the
+    state it leads to, except ``deferred`` (back to ``queued``), and are the metrics'
+    ``result`` label and the ``recipient_…`` log events."""
+
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     BOUNCED = "bounced"

@@ -17,13 +17,20 @@ Theory of operation::
       └──expire──▶ expired (DSN)
 
 Invariants: `delivered`, `bounced` and `expired` are final — nothing leaves them
-(invariant 2: every accepted recipient ends in one of them or is deleted by an
-admin).  Only `sending` rows carry a lease.
+(invariant 2 of docs/queue.md: every accepted recipient ends in one of them or is
+deleted by an admin).  Only `sending` rows carry a lease.
+
+A delivery attempt ends in a `Verdict` (``mail/reply.py``: what the primary's
+reply means), and `VERDICT_EVENTS` is the one place that turns it into the event
+applied to the `sending` recipient: a verdict names the state it leads to
+(delivered, bounced, held), except ``deferred``, which goes back to ``queued``.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+from backupmx.mail.reply import Verdict
 
 
 class State(StrEnum):
@@ -61,6 +68,14 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.HELD, Event.EXPIRE): State.EXPIRED,
     (State.QUEUED, Event.BOUNCE): State.BOUNCED,
     (State.HELD, Event.BOUNCE): State.BOUNCED,
+}
+
+# The event a delivery attempt's verdict applies to its `sending` recipient.
+VERDICT_EVENTS: dict[Verdict, Event] = {
+    Verdict.DELIVERED: Event.SUCCESS,
+    Verdict.DEFERRED: Event.TEMPFAIL,
+    Verdict.BOUNCED: Event.PERMFAIL,
+    Verdict.HELD: Event.QUARANTINE,
 }
 
 FINAL = frozenset({State.DELIVERED, State.BOUNCED, State.EXPIRED})
