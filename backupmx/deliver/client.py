@@ -47,6 +47,10 @@ from backupmx.mail.reply import Outcome, classify
 from backupmx.mail.wire import on_the_wire
 from backupmx.queue.records import Claim, Outbound
 
+# A constant, not a setting: QUIT goes out after every result of the connection is
+# decided, so a primary that does not answer it only delays the close by this much.
+QUIT_SECONDS = 5.0
+
 
 class ConnectFailed(Exception):
     """No usable SMTP session with this host: refused, timed out, 4xx/5xx greeting, TLS."""
@@ -221,7 +225,7 @@ class PrimaryConnection:
 
     async def close(self) -> None:
         try:
-            await self.smtp.quit(timeout=5)
+            await self.smtp.quit(timeout=QUIT_SECONDS)
         except (aiosmtplib.SMTPException, OSError):
             self.smtp.close()
 
