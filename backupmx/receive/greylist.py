@@ -22,6 +22,7 @@ from datetime import timedelta
 import structlog
 
 from backupmx.config import Greylist
+from backupmx.mail import replies
 from backupmx.queue.store import Store
 
 log = structlog.get_logger("backupmx.receive")
@@ -57,7 +58,4 @@ async def check(
     if wait <= 0:
         return None
     log.info("greylisted", sender=sender, recipient=recipient, wait=round(wait))
-    return (
-        f"450 4.7.1 <{recipient}>: Recipient address rejected:"
-        f" Greylisted, try again in {max(1, round(wait))} seconds"
-    )
+    return replies.greylisted(recipient, max(1, round(wait)))

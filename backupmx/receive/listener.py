@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from backupmx.mail import replies
 from backupmx.queue.store import Store
+from backupmx.receive import admission
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.session import Session
@@ -62,13 +64,11 @@ class Listener:
 
     def admit(self, session: Session) -> str | None:
         """Count a new connection; return the refusal reply if it is over a limit."""
-        limits = self.policy.limits
-        if self.draining:
-            return "421 4.3.2 Service shutting down, try again later"
-        if len(self.sessions) >= limits.max_connections:
-            return "421 4.7.0 Error: too many connections, try again later"
-        if self._per_ip[session.client_ip] >= limits.max_connections_per_ip:
-            return "421 4.7.0 Error: too many connections from your address"
+        reply = admission.refusal(
+            self.policy.limits, self.draining, len(self.sessions), self._per_ip[session.client_ip]
+        )
+        if reply is not None:
+            return reply
         self.sessions.add(session)
         self._per_ip[session.client_ip] += 1
         return None
@@ -94,13 +94,13 @@ class Listener:
             server.close()
         for session in list(self.sessions):
             if not session.in_data:
-                session.close_with("421 4.3.2 Service shutting down, try again later")
+                session.close_with(replies.SHUTTING_DOWN)
         if self.sessions:
             self._all_closed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), self.policy.limits.drain_timeout)
         for session in list(self.sessions):
             log.warning("session_cut", session=session.session_id)
-            session.close_with("421 4.3.2 Service shutting down, try again later")
+            session.close_with(replies.SHUTTING_DOWN)
         for server in self._servers:
             await server.wait_closed()
