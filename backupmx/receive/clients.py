@@ -40,7 +40,7 @@ from backupmx.queue.store import Store
 from backupmx.receive import greylist
 from backupmx.receive.dnsbl import Lookup, Lookups
 from backupmx.receive.policy import ReceivePolicy
-from backupmx.receive.proxy import ProxyError, read_header
+from backupmx.receive.proxy import Input, ProxyError, read_header
 from backupmx.receive.recipients import Status, Verifier, check_recipient, reply_for
 
 log = structlog.get_logger("backupmx.receive")
@@ -126,7 +126,7 @@ class Screen:
 
     async def greet(
         self,
-        reader: asyncio.StreamReader,
+        reader: Input,
         buffered: Callable[[], int],
         readmit: Callable[[str], str | None],
     ) -> str | None:

@@ -25,7 +25,7 @@ from backupmx.queue.store import Store
 from backupmx.receive import admission
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.policy import ReceivePolicy
-from backupmx.receive.session import Session
+from backupmx.receive.session import Services, Session
 from backupmx.receive.spamcheck import SpamChecker
 
 log = structlog.get_logger("backupmx.receive")
@@ -49,12 +49,21 @@ class Listener:
         self._per_ip: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
         self._all_closed = asyncio.Event()
+        self._services = Services(
+            policy=lambda: self.policy,
+            draining=lambda: self.draining,
+            seats=self,
+            checks=self.checks,
+            spam=self.spam,
+            enqueue=store.enqueue,
+            etrn=etrn,
+        )
 
     async def start(self, addresses: list[tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
         for host, port in addresses:
             server = await loop.create_server(
-                lambda: Session(self), host, port, reuse_address=True, backlog=512
+                lambda: Session(self._services), host, port, reuse_address=True, backlog=512
             )
             self._servers.append(server)
             log.info("listening", host=host, port=port)
