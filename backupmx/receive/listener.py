@@ -1,10 +1,15 @@
 """The listening sockets and the sessions on them: limits, reload, drain.
 
 `Listener` binds every ``listen`` address (IPv4 and IPv6) on the application's
-event loop, counts connections in total and per client IP (``421 4.7.0`` past
-either limit, which aiosmtpd does not have), and holds the current
-`ReceivePolicy`, which `reload` swaps in one step on SIGHUP so that open
-sessions see the new domains, limits and certificate from their next command.
+event loop, counts connections in total and per client IP (``receive.admission``
+decides the ``421`` past either limit), and holds the current `ReceivePolicy`,
+which `reload` swaps in one step on SIGHUP so that open sessions see the new
+domains, limits and certificate from their next command.
+
+Each `Session` gets the same `Services`: the policy and drain state to read,
+the listener itself as its `Seats`, and the capabilities the application wired
+(client checks, spam hook, the store's commit, ETRN).  The session never
+imports the listener.
 
 `drain` is the SIGTERM path: stop accepting, answer idle sessions
 ``421 4.3.2``, let sessions in DATA finish for up to ``drain_timeout``, then cut
