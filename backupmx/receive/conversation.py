@@ -56,6 +56,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -98,8 +99,12 @@ class Envelope:
 class Event:
     """Something the conversation needs the session for."""
 
+    __slots__ = ()
+
 
 class _Signal(Event):
+    __slots__ = ("name",)
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -112,42 +117,42 @@ FLUSH = _Signal("FLUSH")
 CLOSED = _Signal("CLOSED")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SenderGiven(Event):
     sender: Address | None
     parameters: MailParameters
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecipientGiven(Event):
     address: Address
     parameters: RcptParameters
     postmaster: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageStarted(Event):
     """``354`` is sent: the session opens the spool and writes our Received: field."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageData(Event):
     block: bytes  # decoded: dot-unstuffed, bare CR/LF normalised if so configured
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageEnded(Event):
     size: int  # raw bytes received
     too_big: bool
     bare_newline: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EtrnAsked(Event):
     domain: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TlsAsked(Event):
     context: ssl.SSLContext
 
@@ -181,7 +186,7 @@ class Conversation:
         self.errors = 0
         self.commands = 0  # recognised commands so far: each re-arms the idle timer
         self._inbox = bytearray()
-        self._outbox = bytearray()
+        self.outbox = bytearray()  # replies not yet written (or use `data_to_send`)
         self._skipping = False  # dropping an over-long line
         self._waiting: Event | None = None
         self._decoder: DataDecoder | None = None
@@ -207,19 +212,23 @@ class Conversation:
 
     # ------------------------------------------------------------ bytes in, bytes out
 
-    def receive(self, data: bytes) -> None:
-        if self.phase is Phase.DATA:
-            decoder = self._decoder
-            assert decoder is not None
+    def receive(self, data: bytes) -> bool:
+        """Take bytes from the client.  False while a message goes on and nothing of
+        it is decoded yet: then `next_event` has nothing to say (the bulk path stays
+        a few calls per socket read)."""
+        decoder = self._decoder
+        if decoder is not None and not decoder.done:
             used = decoder.feed(data)
-            if decoder.done:
-                self._inbox += data[used:]  # pipelined commands after the final dot
+            if not decoder.done:
+                return bool(self._blocks)
+            self._inbox += data[used:]  # pipelined commands after the final dot
         elif self.phase is not Phase.CLOSED:
             self._inbox += data
+        return True
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._outbox)
-        self._outbox.clear()
+        out = bytes(self.outbox)
+        self.outbox.clear()
         return out
 
     def greet(self) -> None:
@@ -230,47 +239,43 @@ class Conversation:
         if self.phase is Phase.CLOSED:
             return
         if text is not None:
-            self._outbox += text.encode("utf-8", "surrogateescape") + b"\r\n"
+            self.outbox += text.encode("utf-8", "surrogateescape") + b"\r\n"
         self.phase = Phase.CLOSED
         self._inbox.clear()
-        self._waiting = None
+        self._waiting = self._decoder = None
 
     # ------------------------------------------------------------ events out
 
     def next_event(self) -> Event:
-        if self.phase is Phase.CLOSED:
-            return CLOSED
-        if self.phase is Phase.WAITING:
-            return NEED_DATA
-        if self.phase is Phase.DATA:
-            return self._data_event()
-        while len(self._outbox) < OUTBOX_LIMIT:
+        phase = self.phase
+        if phase is not Phase.COMMAND:
+            return self._outside_commands(phase)
+        while len(self.outbox) < OUTBOX_LIMIT:
             line = self._next_line()
-            if self.closed:  # too many errors
+            event = self._command(line) if line else None
+            if self.phase is Phase.CLOSED:  # QUIT, a 421 refusal, too many errors
                 return CLOSED
+            if event is not None:
+                return event
             if line is None:
                 return NEED_DATA
-            if line:
-                event = self._command(line)
-                if self.closed:
-                    return CLOSED
-                if event is not None:
-                    return event
-                if self.in_data:
-                    return MessageStarted()
+            if self._decoder is not None:  # DATA was answered 354
+                return MessageStarted()
         return FLUSH
 
-    def _data_event(self) -> Event:
-        if self._blocks:
-            return MessageData(self._blocks.popleft())
-        decoder = self._decoder
-        assert decoder is not None
-        if not decoder.done:
-            return NEED_DATA
-        self._decoder = None
-        ended = MessageEnded(decoder.size, decoder.too_big, decoder.bare_newline)
-        self._wait(ended)
-        return ended
+    def _outside_commands(self, phase: Phase) -> Event:
+        if phase is Phase.DATA:
+            if self._blocks:
+                return MessageData(self._blocks.popleft())
+            decoder = self._decoder
+            assert decoder is not None
+            if not decoder.done:
+                return NEED_DATA
+            self._decoder = None
+            ended = MessageEnded(decoder.size, decoder.too_big, decoder.bare_newline)
+            self._wait(ended)
+            return ended
+        return CLOSED if phase is Phase.CLOSED else NEED_DATA
 
     def _next_line(self) -> str | None:
         """The next command line ("" if there was only an error to answer), or None
@@ -319,18 +324,7 @@ class Conversation:
         if self.phase is not Phase.WAITING or event is None:
             return  # closed meanwhile (a drain, a timeout): the reply is not sent
         self.phase, self._waiting = Phase.COMMAND, None
-        if isinstance(event, SenderGiven):
-            self._sender_answered(event, reply)
-        elif isinstance(event, RecipientGiven):
-            self._recipient_answered(event, reply)
-        elif isinstance(event, MessageEnded):
-            assert reply is not None
-            self.envelope = Envelope()
-            self._reply(reply)
-        elif isinstance(event, EtrnAsked):
-            self._reply(replies.etrn_started(event.domain))
-        else:
-            raise RuntimeError(f"{event!r} is not answered with a reply")
+        _ANSWERED[type(event)](self, event, reply)
 
     def fail(self) -> None:
         """The session could not answer the waiting event: ``451 4.3.0``, and go on."""
@@ -357,8 +351,8 @@ class Conversation:
             return
         if text[0] in "45" and not text.startswith("452 4.5.3"):
             self.errors += 1
-        self._outbox += text.encode("utf-8", "surrogateescape") + b"\r\n"
-        if self.errors >= self.policy.limits.max_errors:
+        self.outbox += text.encode("utf-8", "surrogateescape") + b"\r\n"
+        if self.errors >= self._policy().limits.max_errors:
             log.info("session_closed", reason="too many errors")
             self.close(replies.TOO_MANY_ERRORS)
 
@@ -420,6 +414,14 @@ class Conversation:
         event = SenderGiven(sender, params)
         self._wait(event)
         return event
+
+    def _message_answered(self, event: MessageEnded, reply: str | None) -> None:
+        assert reply is not None
+        self.envelope = Envelope()
+        self._reply(reply)
+
+    def _etrn_answered(self, event: EtrnAsked, reply: str | None) -> None:
+        self._reply(replies.etrn_started(event.domain))
 
     def _sender_answered(self, event: SenderGiven, refusal: str | None) -> None:
         if refusal is not None:
@@ -593,4 +595,12 @@ _COMMANDS: dict[str, Callable[[Conversation, str], Event | None]] = {
     "ETRN": Conversation.cmd_etrn,
     "HELP": Conversation.cmd_help,
     "STARTTLS": Conversation.cmd_starttls,
+}
+
+# What `Conversation.answer` does with the session's answer, by the event it answers.
+_ANSWERED: dict[type[Event], Callable[[Conversation, Any, str | None], None]] = {
+    SenderGiven: Conversation._sender_answered,
+    RecipientGiven: Conversation._recipient_answered,
+    MessageEnded: Conversation._message_answered,
+    EtrnAsked: Conversation._etrn_answered,
 }

@@ -317,9 +317,11 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ output
 
     def _flush(self) -> None:
-        out = self.conversation.data_to_send()
-        if out and self.open:
-            self.transport.write(out)  # type: ignore[union-attr]
+        outbox = self.conversation.outbox
+        if outbox:
+            if self.open:
+                self.transport.write(bytes(outbox))  # type: ignore[union-attr]
+            outbox.clear()
 
     def close_with(self, text: str | None) -> None:
         """Send a last reply without waiting for the client, and end the session: by a
@@ -385,7 +387,10 @@ class Session(asyncio.Protocol):
             self._context.run(self._received, data)
 
     def _received(self, data: bytes) -> None:
-        self.conversation.receive(data)
+        if not self.conversation.receive(data):  # the message goes on, nothing to answer
+            assert self._incoming is not None
+            self._keep_data_alive(self._incoming.queue_id)
+            return
         if self._step is None:
             self._answer()
         elif self.conversation.buffered > INBOX_LIMIT and not self._reading_paused:
@@ -409,7 +414,8 @@ class Session(asyncio.Protocol):
                     self._start(self._drain())  # the client does not read its replies
                     return
             event = conversation.next_event()
-            self._flush()
+            if conversation.outbox:
+                self._flush()
             if conversation.commands != self._commands:
                 self._commands = conversation.commands
                 self._reset_timeout()
@@ -421,29 +427,19 @@ class Session(asyncio.Protocol):
                 self._end()
                 return
             if event is not FLUSH:
-                self._handle(event)
+                _HANDLERS[type(event)](self, event)
         if self._reading_paused and self._step is None and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def _handle(self, event: Event) -> None:
-        if isinstance(event, MessageData):
-            assert self._incoming is not None
-            self._incoming.sink(event.block)
-        elif isinstance(event, RecipientGiven):
-            self._start(self._screen_recipient(event))
-        elif isinstance(event, SenderGiven):
-            self._screen_sender()
-        elif isinstance(event, MessageStarted):
-            self._start_message()
-        elif isinstance(event, MessageEnded):
-            assert self._incoming is not None
-            self._reset_timeout()
-            self._start(self._end_message(self._incoming, event))
-        elif isinstance(event, EtrnAsked):
-            self._start(self._etrn(event.domain))
-        elif isinstance(event, TlsAsked):
-            self._start(self._start_tls(event.context))
+    def _message_data(self, event: MessageData) -> None:
+        assert self._incoming is not None
+        self._incoming.sink(event.block)
+
+    def _message_ended(self, event: MessageEnded) -> None:
+        assert self._incoming is not None
+        self._reset_timeout()
+        self._start(self._end_message(self._incoming, event))
 
     def _start(self, step: Step) -> None:
         """Run `step` at once, up to its first real wait: only a step that waits becomes a
@@ -486,7 +482,7 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ MAIL, RCPT
 
-    def _screen_sender(self) -> None:
+    def _screen_sender(self, event: SenderGiven) -> None:
         try:
             refusal = self.screen.message()
         except Exception as error:
@@ -495,6 +491,9 @@ class Session(asyncio.Protocol):
             return
         self.conversation.answer(refusal)
 
+    def _recipient(self, event: RecipientGiven) -> None:
+        self._start(self._screen_recipient(event))
+
     async def _screen_recipient(self, event: RecipientGiven) -> None:
         sender = self.conversation.envelope.sender
         refusal = await self.screen.recipient(event.address, str(sender or ""), event.postmaster)
@@ -502,13 +501,19 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ ETRN
 
-    async def _etrn(self, domain: str) -> None:
+    def _etrn(self, event: EtrnAsked) -> None:
+        self._start(self._flush_domain(event.domain))
+
+    async def _flush_domain(self, domain: str) -> None:
         assert self.services.etrn is not None
         due = await self.services.etrn(domain)
         log.info("etrn", domain=domain, recipients=due)
         self.conversation.answer(None)
 
     # ------------------------------------------------------------------ STARTTLS
+
+    def _tls(self, event: TlsAsked) -> None:
+        self._start(self._start_tls(event.context))
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         """The switch with asyncio's public `loop.start_tls`, which stops reading the
@@ -547,7 +552,7 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ DATA
 
-    def _start_message(self) -> None:
+    def _start_message(self, event: MessageStarted) -> None:
         conversation, limits = self.conversation, self.policy.limits
         queue_id, received_at = new_queue_id(), utcnow()
         recipients = conversation.envelope.recipients
@@ -666,3 +671,16 @@ class Session(asyncio.Protocol):
                 return replies.STORAGE_FULL
             return replies.QUEUE_ERROR
         return replies.queued(incoming.queue_id)  # the intake logs it
+
+
+# What the session does for each event of the conversation (NEED_DATA, FLUSH and
+# CLOSED are handled in `Session._answer`).
+_HANDLERS: dict[type[Event], Callable[[Session, Any], None]] = {
+    MessageData: Session._message_data,
+    SenderGiven: Session._screen_sender,
+    RecipientGiven: Session._recipient,
+    MessageStarted: Session._start_message,
+    MessageEnded: Session._message_ended,
+    EtrnAsked: Session._etrn,
+    TlsAsked: Session._tls,
+}
