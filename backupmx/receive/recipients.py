@@ -1,9 +1,8 @@
 """Which recipients exist: per domain "any", a "list" file, or "verify" by callout.
 
 A backup that accepts mail for users the primary does not have must later bounce
-it to senders that are usually forged (backscatter; Postfix's
-ADDRESS_VERIFICATION_README).  So RCPT is checked here, per domain
-(``recipients = …``):
+it to senders that are usually forged (backscatter, anchors.md).  So RCPT is
+checked here, per domain (``recipients = …``):
 
 * ``"any"`` — every local part is accepted (``config check`` warns).
 * ``"list"`` — `RecipientList`: a file of addresses and ``@domain`` catch-alls,
