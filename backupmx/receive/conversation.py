@@ -15,9 +15,11 @@ decide alone.  That is an event for the session:
 * `SenderGiven`, `RecipientGiven` — the client's rate, the DNSBL verdict, the
   recipient rule, greylisting: the session runs the checks and calls `answer`
   with the refusal, or None to accept;
-* `MessageStarted`, `MessageData`, `MessageEnded` — the message, decoded as it
-  comes (dot-unstuffed, bare CR/LF noted or normalised); after `MessageEnded`
-  the session judges, stores and commits it and calls `answer` with the reply;
+* `MessageStarted`, `MessageData`, `MessageEnded` — the message: the session
+  opens its spool and calls `answer(None)`, which sends ``354``; then the body,
+  decoded as it comes (dot-unstuffed, bare CR/LF noted or normalised); after
+  `MessageEnded` the session judges, stores and commits it and calls `answer`
+  with the reply;
 * `EtrnAsked` — `answer(None)` once the domain's mail is due;
 * `TlsAsked` — after ``220``, the session switches the transport to TLS and
   calls `tls_started`;
@@ -132,7 +134,8 @@ class RecipientGiven(Event):
 
 @dataclass(slots=True)
 class MessageStarted(Event):
-    """``354`` is sent: the session opens the spool and writes our Received: field."""
+    """DATA is accepted: the session opens the spool and writes our Received: field,
+    then `answer(None)` sends ``354``."""
 
 
 @dataclass(slots=True)
@@ -259,8 +262,6 @@ class Conversation:
                 return event
             if line is None:
                 return NEED_DATA
-            if self._decoder is not None:  # DATA was answered 354
-                return MessageStarted()
         return FLUSH
 
     def _outside_commands(self, phase: Phase) -> Event:
@@ -487,18 +488,23 @@ class Conversation:
             envelope.postmaster = event.postmaster
         self._reply(replies.RECIPIENT_OK)
 
-    def cmd_data(self, arg: str) -> None:
+    def cmd_data(self, arg: str) -> Event | None:
         envelope = self.envelope
         if not envelope.started:
             self._reply(replies.NEED_MAIL)
-            return
+            return None
         if not envelope.recipients:
             self._reply(replies.NO_RECIPIENTS)
-            return
+            return None
         if arg:
             self._reply(replies.DATA_SYNTAX)
-            return
-        limits = self.policy.limits
+            return None
+        event = MessageStarted()
+        self._wait(event)
+        return event
+
+    def _data_answered(self, event: MessageStarted, reply: str | None) -> None:
+        limits = self._policy().limits
         self._decoder = DataDecoder(
             self._blocks.append, limits.max_message_size, limits.bare_newline == "normalize"
         )
@@ -601,6 +607,7 @@ _COMMANDS: dict[str, Callable[[Conversation, str], Event | None]] = {
 _ANSWERED: dict[type[Event], Callable[[Conversation, Any, str | None], None]] = {
     SenderGiven: Conversation._sender_answered,
     RecipientGiven: Conversation._recipient_answered,
+    MessageStarted: Conversation._data_answered,
     MessageEnded: Conversation._message_answered,
     EtrnAsked: Conversation._etrn_answered,
 }

@@ -553,6 +553,16 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ DATA
 
     def _start_message(self, event: MessageStarted) -> None:
+        try:
+            self._open_spool()
+        except Exception as error:
+            log.exception("command_failed", command="DATA", error=str(error))
+            self.conversation.fail()
+            return
+        self.conversation.answer(None)
+
+    def _open_spool(self) -> None:
+        """The message's spool, opened with our Received: field."""
         conversation, limits = self.conversation, self.policy.limits
         queue_id, received_at = new_queue_id(), utcnow()
         recipients = conversation.envelope.recipients

@@ -80,6 +80,8 @@ class Client:
             conversation.answer(None)
         elif isinstance(event, RecipientGiven):
             conversation.answer(self.refuse.get(str(event.address)))
+        elif isinstance(event, MessageStarted):
+            conversation.answer(None)
         elif isinstance(event, MessageData):
             self.message += event.block
         elif isinstance(event, MessageEnded):
@@ -365,6 +367,7 @@ def test_the_message_reply_waits_for_the_session() -> None:
     conversation.answer(None)
     conversation.receive(b"DATA\r\nbody\r\n.\r\nNOOP\r\n")
     assert isinstance(conversation.next_event(), MessageStarted)
+    conversation.answer(None)
     event = conversation.next_event()
     assert isinstance(event, MessageData)
     while isinstance(event, MessageData):
@@ -376,6 +379,37 @@ def test_the_message_reply_waits_for_the_session() -> None:
     assert not conversation.in_data
     assert conversation.next_event() is NEED_DATA
     assert codes(replies_in(conversation.data_to_send())) == ["250", "354", "451", "250"]
+
+
+def test_354_waits_until_the_session_has_opened_the_spool() -> None:
+    client = in_transaction()
+    conversation = client.conversation
+    conversation.receive(b"RCPT TO:<b@example.test>\r\n")
+    assert isinstance(conversation.next_event(), RecipientGiven)
+    conversation.answer(None)
+    conversation.receive(b"DATA\r\nbody\r\n.\r\n")
+    assert isinstance(conversation.next_event(), MessageStarted)
+    assert replies_in(conversation.data_to_send()) == ["250 2.1.5 Ok"]
+    assert not conversation.in_data
+    conversation.answer(None)
+    assert replies_in(conversation.data_to_send()) == ["354 End data with <CR><LF>.<CR><LF>"]
+    assert conversation.in_data
+
+
+def test_a_spool_that_cannot_be_opened_answers_451_instead_of_354() -> None:
+    client = in_transaction()
+    conversation = client.conversation
+    conversation.receive(b"RCPT TO:<b@example.test>\r\n")
+    assert isinstance(conversation.next_event(), RecipientGiven)
+    conversation.answer(None)
+    conversation.receive(b"DATA\r\n")
+    assert isinstance(conversation.next_event(), MessageStarted)
+    conversation.fail()
+    assert replies_in(conversation.data_to_send())[-1] == (
+        "451 4.3.0 Error: internal error, try again later"
+    )
+    assert not conversation.in_data
+    assert conversation.envelope.recipients  # the transaction stands: DATA may be retried
 
 
 def test_a_failed_step_answers_451_and_the_conversation_goes_on() -> None:
