@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import structlog
 
 from backupmx.config import Limits
+from backupmx.mail import replies
 from backupmx.mail.address import Address
 from backupmx.mail.networks import in_networks
 from backupmx.queue.store import Store
 from backupmx.receive import greylist
 from backupmx.receive.dnsbl import Lookup, Lookups
 from backupmx.receive.policy import ReceivePolicy
-from backupmx.receive.proxy import ProxyError, read_header
+from backupmx.receive.proxy import Input, ProxyError, read_header
 from backupmx.receive.recipients import Status, Verifier, check_recipient, reply_for
 
 log = structlog.get_logger("backupmx.receive")
@@ -125,7 +126,7 @@ class Screen:
 
     async def greet(
         self,
-        reader: asyncio.StreamReader,
+        reader: Input,
         buffered: Callable[[], int],
         readmit: Callable[[str], str | None],
     ) -> str | None:
@@ -141,7 +142,7 @@ class Screen:
                 real = await asyncio.wait_for(read_header(reader), limits.proxy_timeout)
             except (ProxyError, TimeoutError, asyncio.IncompleteReadError) as error:
                 log.info("proxy_header_refused", error=str(error) or type(error).__name__)
-                return "421 4.7.0 Error: bad or missing PROXY protocol header"
+                return replies.BAD_PROXY_HEADER
             if real is not None:
                 refusal = readmit(real)
                 log.info("proxied", balancer=self.client_ip, client=real)
@@ -159,7 +160,7 @@ class Screen:
             await asyncio.sleep(limits.banner_delay)
             if buffered():
                 log.info("early_talker", delay=limits.banner_delay)
-                return "554 5.5.0 Error: SMTP protocol synchronization"
+                return replies.EARLY_TALKER
         return None
 
     def close(self) -> None:
@@ -173,7 +174,7 @@ class Screen:
         if self.checks.rates.take("message", self.client_ip, limit):
             return None
         log.info("rate_limited", kind="messages", limit=limit)
-        return f"450 4.7.1 Error: too much mail from [{self.client_ip}], try again later"
+        return replies.too_much_mail(self.client_ip)
 
     # ------------------------------------------------------------------ RCPT
 
@@ -184,11 +185,11 @@ class Screen:
         if self.unknown_recipients >= settings.max_unknown_recipients and not postmaster:
             log.info("harvest_suspected", unknown=self.unknown_recipients)
             await asyncio.sleep(settings.harvest_delay)
-            return "421 4.7.0 Error: too many unknown recipients, closing connection"
+            return replies.HARVEST
         limit = policy.limits.max_recipients_per_minute_per_ip
         if not self.checks.rates.take("recipient", self.client_ip, limit):
             log.info("rate_limited", kind="recipients", limit=limit)
-            return f"450 4.7.1 Error: too many recipients from [{self.client_ip}], try again later"
+            return replies.too_many_recipients_from(self.client_ip)
         if postmaster:
             return None
         if self._dnsbl is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from backupmx.config import Dnsbl, DnsblZone
+from backupmx.mail import replies
 from backupmx.resolver import AddressAnswer, Addresses
 
 log = structlog.get_logger("backupmx.receive")
@@ -40,7 +41,7 @@ class Listing:
     def refusal(self, client_ip: str, threshold: float) -> str | None:
         if not self.zones or self.score < threshold:
             return None
-        return f"550 5.7.1 Service unavailable; client [{client_ip}] blocked using {self.zones[0]}"
+        return replies.blocklisted(client_ip, self.zones[0])
 
 
 def query_name(client_ip: str, zone: str) -> str:

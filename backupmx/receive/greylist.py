@@ -25,6 +25,7 @@ from functools import partial
 import structlog
 
 from backupmx.config import Greylist
+from backupmx.mail import replies
 from backupmx.queue.records import GreylistEntry, Triplet, utcnow
 from backupmx.queue.store import Store
 
@@ -90,7 +91,4 @@ async def check(
     if wait <= 0:
         return None
     log.info("greylisted", sender=sender, recipient=recipient, wait=round(wait))
-    return (
-        f"450 4.7.1 <{recipient}>: Recipient address rejected:"
-        f" Greylisted, try again in {max(1, round(wait))} seconds"
-    )
+    return replies.greylisted(recipient, max(1, round(wait)))

@@ -1,10 +1,15 @@
 """The listening sockets and the sessions on them: limits, reload, drain.
 
 `Listener` binds every ``listen`` address (IPv4 and IPv6) on the application's
-event loop, counts connections in total and per client IP (``421 4.7.0`` past
-either limit, which aiosmtpd does not have), and holds the current
-`ReceivePolicy`, which `reload` swaps in one step on SIGHUP so that open
-sessions see the new domains, limits and certificate from their next command.
+event loop, counts connections in total and per client IP (``receive.admission``
+decides the ``421`` past either limit), and holds the current `ReceivePolicy`,
+which `reload` swaps in one step on SIGHUP so that open sessions see the new
+domains, limits and certificate from their next command.
+
+Each `Session` gets the same `Services`: the policy and drain state to read,
+the listener itself as its `Seats`, and the capabilities the application wired
+(client checks, spam hook, the store's commit, ETRN).  The session never
+imports the listener.
 
 `drain` is the SIGTERM path: stop accepting, answer idle sessions
 ``421 4.3.2``, let sessions in DATA finish for up to ``drain_timeout``, then cut
@@ -20,10 +25,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from backupmx.mail import replies
 from backupmx.queue.store import Store
+from backupmx.receive import admission
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.policy import ReceivePolicy
-from backupmx.receive.session import Session
+from backupmx.receive.session import Services, Session
 from backupmx.receive.spamcheck import SpamChecker
 
 log = structlog.get_logger("backupmx.receive")
@@ -47,12 +54,21 @@ class Listener:
         self._per_ip: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
         self._all_closed = asyncio.Event()
+        self._services = Services(
+            policy=lambda: self.policy,
+            draining=lambda: self.draining,
+            seats=self,
+            checks=self.checks,
+            spam=self.spam,
+            enqueue=store.enqueue,
+            etrn=etrn,
+        )
 
     async def start(self, addresses: list[tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
         for host, port in addresses:
             server = await loop.create_server(
-                lambda: Session(self), host, port, reuse_address=True, backlog=512
+                lambda: Session(self._services), host, port, reuse_address=True, backlog=512
             )
             self._servers.append(server)
             log.info("listening", host=host, port=port)
@@ -62,13 +78,11 @@ class Listener:
 
     def admit(self, session: Session) -> str | None:
         """Count a new connection; return the refusal reply if it is over a limit."""
-        limits = self.policy.limits
-        if self.draining:
-            return "421 4.3.2 Service shutting down, try again later"
-        if len(self.sessions) >= limits.max_connections:
-            return "421 4.7.0 Error: too many connections, try again later"
-        if self._per_ip[session.client_ip] >= limits.max_connections_per_ip:
-            return "421 4.7.0 Error: too many connections from your address"
+        reply = admission.refusal(
+            self.policy.limits, self.draining, len(self.sessions), self._per_ip[session.client_ip]
+        )
+        if reply is not None:
+            return reply
         self.sessions.add(session)
         self._per_ip[session.client_ip] += 1
         return None
@@ -94,13 +108,13 @@ class Listener:
             server.close()
         for session in list(self.sessions):
             if not session.in_data:
-                session.close_with("421 4.3.2 Service shutting down, try again later")
+                session.close_with(replies.SHUTTING_DOWN)
         if self.sessions:
             self._all_closed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), self.policy.limits.drain_timeout)
         for session in list(self.sessions):
             log.warning("session_cut", session=session.session_id)
-            session.close_with("421 4.3.2 Service shutting down, try again later")
+            session.close_with(replies.SHUTTING_DOWN)
         for server in self._servers:
             await server.wait_closed()

@@ -12,14 +12,20 @@ balancer's address stands.  A malformed header raises `ProxyError`.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import struct
+from typing import Protocol
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_MAX_PAYLOAD = 4096  # addresses plus TLVs; far more than a balancer sends
+
+
+class Input(Protocol):
+    """Where the header is read from (an `asyncio.StreamReader` will do)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
 
 
 class ProxyError(ValueError):
@@ -71,7 +77,7 @@ def parse_v2(header: bytes, payload: bytes) -> str | None:
     raise ProxyError("PROXY v2: unsupported address family or short payload")
 
 
-async def read_header(reader: asyncio.StreamReader) -> str | None:
+async def read_header(reader: Input) -> str | None:
     """Read one v1 or v2 header from the start of the connection."""
     start = await reader.readexactly(12)
     if start == V2_SIGNATURE:

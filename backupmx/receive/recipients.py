@@ -41,6 +41,7 @@ from pathlib import Path
 import structlog
 
 from backupmx.config import Config, Domain, Recipients
+from backupmx.mail import replies
 from backupmx.mail.address import Address
 from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.mail.reply import CalloutAnswer
@@ -61,12 +62,9 @@ class Status(StrEnum):
 def reply_for(status: Status, address: Address) -> str | None:
     """The RCPT refusal for `status`, or None to accept."""
     if status is Status.UNKNOWN:
-        return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        return replies.user_unknown(str(address))
     if status is Status.UNVERIFIED:
-        return (
-            f"450 4.2.1 <{address}>: Recipient address rejected:"
-            " unverified address, try again later"
-        )
+        return replies.unverified(str(address))
     return None
 
 

@@ -43,6 +43,7 @@ import structlog
 
 from backupmx import metrics
 from backupmx.config import SpamAction, SpamCheck
+from backupmx.mail import replies
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.records import BodySource
 
@@ -188,8 +189,7 @@ class SpamChecker:
             log.error("spam_check_failed", backend=settings.backend, error=reason)
             detail = f"{settings.backend}: {reason}"
             if settings.on_error == "defer" and may_refuse:
-                reply = "451 4.7.1 Error: spam check unavailable, try again later"
-                return Verdict("defer", detail=detail, reply=reply), body
+                return Verdict("defer", detail=detail, reply=replies.SPAM_CHECK_UNAVAILABLE), body
             return Verdict("error", detail=detail), body
         ms = (time.monotonic() - started) * 1000
         action = decide(scan, settings)
@@ -213,12 +213,9 @@ class SpamChecker:
             reason = _printable(scan.message, 100) or (
                 f"score {scan.score:.1f}" if scan.score is not None else scan.verdict
             )
-            return Verdict(
-                action, scan.score, verdict.detail, f"550 5.7.1 Message rejected as spam ({reason})"
-            ), body
+            return Verdict(action, scan.score, verdict.detail, replies.spam_rejected(reason)), body
         if action == "defer":
-            reply = "451 4.7.1 Message deferred by the spam filter, try again later"
-            return Verdict(action, scan.score, verdict.detail, reply), body
+            return Verdict(action, scan.score, verdict.detail, replies.SPAM_DEFERRED), body
         if action == "tag":
             headers = spam_headers(scan, settings.backend)
             ours = _received_length(data)
