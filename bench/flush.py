@@ -71,8 +71,8 @@ from accept import (
 )
 from postfix_backup import POSTQUEUE, PostfixBackupMX, ServerError
 
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from primary_sink import SmtpSink  # the tests' smtp-sink helper
+sys.path.insert(0, str(REPO_ROOT))
+from tests.support.primary_sink import SmtpSink  # the tests' smtp-sink helper
 
 MESSAGES: Final = 10_000
 QUICK_MESSAGES: Final = 1_000

@@ -1,4 +1,4 @@
-"""Soak the SMTP session fuzzer of tests/test_session_fuzz.py: many more examples.
+"""Soak the SMTP session fuzzer of tests/integration/test_session_fuzz.py: many more examples.
 
 What runs
     The suite's fuzzer against one real ``backupmx serve`` (the same
@@ -32,10 +32,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypothesis import HealthCheck, Phase, given, settings
-from test_session_fuzz import (
+
+from tests.integration.test_session_fuzz import (
     Delivery,
     Grammar,
     ServerLog,
@@ -46,9 +47,8 @@ from test_session_fuzz import (
     random_bytes,
     reached,
 )
-
-from conftest import ServerProcess
-from smtp_client import serving
+from tests.support.server import ServerProcess
+from tests.support.smtp_client import serving
 
 KINDS = {
     "random": deliveries(random_bytes()),

@@ -18,7 +18,7 @@ fi
 echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
 as_root apt-get update -q
 # SpamAssassin's spamd/spamc and rspamd are the real spam filters of the spam-hook tests
-# (tests/spam_filters.py starts them on loopback; policy-rc.d keeps their daemons off).
+# (tests/support/spam_filters.py starts them on loopback; policy-rc.d keeps their daemons off).
 as_root apt-get install -y -q --no-install-recommends \
   postfix swaks dnsmasq-base python3-venv postgresql postgresql-client \
   spamd spamc spamassassin rspamd systemd prometheus >/dev/null

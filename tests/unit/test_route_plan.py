@@ -1,6 +1,6 @@
 """Route planning as its pure steps (deliver/route.py): the MX set an answer names,
 our own preference in it, the pruning to what is better than us, and the hops in
-order.  tests/test_route.py walks whole routes; this file pins each step, and
+order.  tests/unit/test_route.py walks whole routes; this file pins each step, and
 invariant 4 over generated MX sets.
 
 As there, this host is mx2.backup.test, listening on 127.0.0.1:2525, with the
