@@ -105,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, config: configuration.Config) -> int:
     if args.verb == "serve":
+        # The whole server (receive, deliver, bounce) is imported only to serve: the
+        # queue verbs an operator types often start without it.
         from backupmx.app import serve
 
         configure_logs(args.log_level)
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
 
 
 async def _db_upgrade(url: str, as_json: bool) -> int:
-    from backupmx.queue.database import current_revision, open_engine, upgrade
+    from backupmx.queue.database import current_revision, open_engine, upgrade  # as for serve
 
     engine = open_engine(url)
     try:
