@@ -15,98 +15,33 @@ Specification (issue "Protect"; `backupmx.receive.clients`):
 * Early talkers (data before the banner) are dropped with ``554 5.5.0``.
 * PROXY v1/v2 only from configured balancers, required from them (``421 4.7.0``
   without), and the real client then counts everywhere (DNSBL, Received:, queue).
+
+The pure parts (PROXY parsing, DNSBL names, the greylist key, rates, the config
+keys) are in tests/unit/test_client_checks.py.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backupmx.config import Dnsbl, DnsblZone, Greylist
+from backupmx.config import Greylist
 from backupmx.queue.database import upgrade
 from backupmx.queue.records import Triplet, utcnow
 from backupmx.queue.store import Store
-from backupmx.receive.clients import ClientRates
-from backupmx.receive.dnsbl import listed, query_name
-from backupmx.receive.greylist import client_network, decide
-from backupmx.receive.proxy import ProxyError, parse_v1, parse_v2
-from backupmx.resolver import Addresses, NxDomain
+from backupmx.receive.greylist import decide
 from tests.support.dns_server import Dnsmasq, dns_zone
+from tests.support.guarded import ZONE, GuardedServer, v2_header
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id, serving, split_received
 
-# --------------------------------------------------------------------------- pure parts
-
-
-def test_proxy_v1_lines() -> None:
-    assert parse_v1(b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 25\r\n") == "192.0.2.1"
-    assert parse_v1(b"PROXY TCP6 2001:db8::1 2001:db8::2 56324 25\r\n") == "2001:db8::1"
-    assert parse_v1(b"PROXY UNKNOWN\r\n") is None
-    for bad in (
-        b"PROXY TCP4 2001:db8::1 192.0.2.2 1 25\r\n",
-        b"PROXY TCP4 192.0.2.1 192.0.2.2 99999 25\r\n",
-        b"PROXY TCP4 192.0.2.1 192.0.2.2 1\r\n",
-        b"PROXY TCP4 192.0.2.1 192.0.2.2 1 25\n",
-    ):
-        with pytest.raises(ProxyError):
-            parse_v1(bad)
-
-
-def v2_header(source: str | None, command: int = 1) -> bytes:
-    signature = b"\r\n\r\n\x00\r\nQUIT\n"
-    if source is None:
-        return signature + bytes([0x20 | command, 0x00]) + struct.pack("!H", 0)
-    payload = (
-        socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 40000, 25)
-    )
-    return signature + bytes([0x20 | command, 0x11]) + struct.pack("!H", len(payload)) + payload
-
-
-def test_proxy_v2_headers() -> None:
-    header = v2_header("203.0.113.7")
-    assert parse_v2(header[:16], header[16:]) == "203.0.113.7"
-    local = v2_header(None, command=0)
-    assert parse_v2(local[:16], local[16:]) is None
-    with pytest.raises(ProxyError):
-        parse_v2(header[:12] + b"\x31" + header[13:16], header[16:])  # version 3
-
-
-def test_dnsbl_query_names_and_answers() -> None:
-    assert query_name("192.0.2.99", "dnsbl.test") == "99.2.0.192.dnsbl.test"
-    assert query_name("::ffff:127.0.0.2", "dnsbl.test") == "2.0.0.127.dnsbl.test"
-    assert query_name("2001:db8::1", "z.test").startswith("1.0.0.0.0.0.0.0.") and query_name(
-        "2001:db8::1", "z.test"
-    ).endswith(".8.b.d.0.1.0.0.2.z.test")
-    zone = DnsblZone("dnsbl.test")
-    assert listed(Addresses(("127.0.0.2",)), zone)
-    assert not listed(Addresses(("127.255.255.254",)), zone)  # an error code, not a listing
-    assert not listed(NxDomain(), zone)
-    assert not listed(Addresses(("127.0.0.2",)), DnsblZone("dnsbl.test", answers=("127.0.0.4",)))
-
-
-def test_greylist_key_is_the_client_slash_24_or_slash_64() -> None:
-    assert client_network("192.0.2.77") == "192.0.2.0/24"
-    assert client_network("2001:db8:1:2:3::9") == "2001:db8:1:2::/64"
-
-
-def test_rates_are_per_client_and_refill_over_the_minute() -> None:
-    now = [0.0]
-    rates = ClientRates(clock=lambda: now[0])
-    assert all(rates.take("message", "192.0.2.1", 3) for _ in range(3))
-    assert not rates.take("message", "192.0.2.1", 3)
-    assert rates.take("message", "192.0.2.2", 3)
-    now[0] = 20.0  # a third of a minute: one message back
-    assert rates.take("message", "192.0.2.1", 3)
-    assert not rates.take("message", "192.0.2.1", 3)
-    assert rates.take("message", "192.0.2.1", 0)  # 0: no limit
+# --------------------------------------------------------------------------- the store
 
 
 async def test_greylist_triplets_in_the_store_wait_pass_and_expire(database_url: str) -> None:
@@ -134,30 +69,11 @@ async def test_greylist_triplets_in_the_store_wait_pass_and_expire(database_url:
 
 # --------------------------------------------------------------------------- real servers
 
-ZONE = """\
-host-record=2.0.0.127.dnsbl.test,127.0.0.2
-host-record=4.0.0.127.dnsbl.test,127.255.255.254
-host-record=2.0.0.127.half.test,127.0.0.2
-host-record=3.0.0.127.half.test,127.0.0.2
-"""
-
 
 @pytest.fixture(scope="module")
 def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
     with dns_zone(tmp_path_factory.mktemp("dns"), ZONE) as server:
         yield server
-
-
-class GuardedServer(ServerProcess):
-    """backupmx with [[dnsbl.zone]] tables, which conftest's writer does not know."""
-
-    zones = (("dnsbl.test", 1.0), ("half.test", 0.5), ("timeout.test", 1.0))
-
-    def write_config(self) -> None:
-        super().write_config()
-        with self.config_path.open("a") as file:
-            for name, weight in self.zones:
-                file.write(f'\n[[dnsbl.zone]]\nname = "{name}"\nweight = {weight}\n')
 
 
 @pytest.fixture(scope="module")
@@ -310,19 +226,3 @@ def test_greylisting_defers_a_new_triplet_and_passes_its_retry_from_the_same_sla
     assert attempt("127.0.0.1").startswith("250 2.1.5")  # … and stays passed
     assert attempt("127.0.0.1", f"carol@{DOMAIN}").startswith("450 4.7.1")  # a new triplet
     assert attempt("127.0.1.5", f"dave@{DOMAIN}").startswith("250 2.1.5")  # pass_clients
-
-
-def test_dnsbl_and_greylist_keys_are_documented_config(tmp_path: Path) -> None:
-    """The TOML shape the tests above use is what `config check` accepts."""
-    from backupmx.config import load
-
-    path = tmp_path / "c.toml"
-    path.write_text(
-        '[dnsbl]\nthreshold = 1.5\n[[dnsbl.zone]]\nname = "zen.example"\nweight = 2\n'
-        'answers = ["127.0.0.2"]\n[greylist]\nenabled = true\npass_clients = ["192.0.2.0/24"]\n'
-    )
-    config = load(path)
-    assert config.dnsbl == Dnsbl(
-        zone=(DnsblZone("zen.example", 2.0, ("127.0.0.2",)),), threshold=1.5
-    )
-    assert config.greylist.enabled and config.greylist.delay == 300

@@ -6,11 +6,8 @@ import smtplib
 import time
 from typing import Any
 
-import pytest
-
 from tests.support.server import ServerProcess
-
-pytestmark = pytest.mark.integration
+from tests.support.waiting import wait_for
 
 
 def dsns(server: ServerProcess) -> list[dict[str, Any]]:
@@ -31,9 +28,7 @@ def test_a_late_recipient_gets_one_delay_warning_and_no_second(server_factory: A
     time.sleep(1.5)
     server.stop()
     server.start()  # housekeeping runs at start-up, then every minute
-    deadline = time.monotonic() + 15
-    while not dsns(server) and time.monotonic() < deadline:
-        time.sleep(0.3)
+    wait_for(lambda: dsns(server), 15, "a delay warning DSN in the queue", interval=0.3)
     (notice,) = dsns(server)
     assert [r["address"] for r in notice["recipients"]] == ["alice@sender.test"]
     body = server.raw(notice["id"])

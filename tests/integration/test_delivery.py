@@ -27,7 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -36,10 +36,7 @@ from tests.support.ports import free_port
 from tests.support.primary_sink import Dumped, PickyPrimary, SlowGreeting, SmtpSink
 from tests.support.server import ServerProcess
 from tests.support.smtp_client import RawClient, queue_id, split_received, stored_in_parallel
-
-pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
+from tests.support.waiting import wait_for
 
 HOSTNAME = "mx2.backup.test"
 SENDER = "alice@sender.test"
@@ -145,18 +142,6 @@ def backup(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `check` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    value = check()
-    while not value:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {value!r}")
-        time.sleep(interval)
-        value = check()
-    return value
 
 
 def query(server: ServerProcess, sql: str, *params: Any) -> list[tuple[Any, ...]]:

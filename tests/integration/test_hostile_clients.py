@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from tests.support.server import DOMAIN, ServerProcess, server_examples
 from tests.support.smtp_client import RawSession
+from tests.support.waiting import wait_for, wait_for_success
 
 RSS_LIMIT_MIB = 200
 MAX_ERRORS = 20  # limits.max_errors default
@@ -310,10 +311,12 @@ def test_bodies_in_flight_are_spooled_not_held_in_memory(server: ServerProcess, 
             thread.start()
         for thread in senders:
             thread.join(60)
-        deadline = time.monotonic() + 20
-        while any(unsent_bytes(s.sock) for s in sessions):
-            assert time.monotonic() < deadline, "the server stopped reading"
-            time.sleep(0.05)
+        wait_for(
+            lambda: not any(unsent_bytes(s.sock) for s in sessions),
+            20,
+            "the server to read every body sent (it stopped reading)",
+            interval=0.05,
+        )
         time.sleep(0.5)
         during = rss_mib(server)
         for session in sessions:
@@ -447,16 +450,11 @@ def test_clients_that_disconnect_without_quit_free_their_connection_slot(
             session.sock.shutdown(socket.SHUT_WR)
         session.close()
         time.sleep(0.05)
-    deadline = time.monotonic() + 5
-    for _ in range(50):
-        try:
-            send_well_behaved(server, "after-hangups", source=ip)
-            break
-        except smtplib.SMTPConnectError as error:
-            refusal = error
-            assert time.monotonic() < deadline, (
-                f"{3 * per_ip} clients that hung up still hold the slots: {refusal}"
-            )
-            time.sleep(0.2)
-    else:
-        raise AssertionError("bounded retry loop ran out")
+    queued = wait_for_success(
+        lambda: send_well_behaved(server, "after-hangups", source=ip),
+        5,
+        f"{3 * per_ip} clients that hung up to free the slots they held",
+        errors=(smtplib.SMTPConnectError,),
+        interval=0.2,
+    )
+    assert queued in {m["id"] for m in server.queue()}

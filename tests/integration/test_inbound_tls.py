@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import signal
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import trustme
 
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id, serving, split_received, swaks
+from tests.support.waiting import logged, wait_for_log
 
 HOSTNAME = "mx2.backup.test"
 
@@ -47,13 +47,6 @@ def client_context(ca: trustme.CA, **versions: ssl.TLSVersion) -> ssl.SSLContext
     for name, version in versions.items():
         setattr(context, name, version)
     return context
-
-
-def wait_for_log(server: ServerProcess, event: str, count: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(f'"event": "{event}"' in x for x in server.log().splitlines()) < count:
-        assert time.monotonic() < deadline, f"no {event!r} in the log:\n{server.log()[-2000:]}"
-        time.sleep(0.05)
 
 
 def tls_session(server: ServerProcess, context: ssl.SSLContext) -> RawClient:
@@ -120,7 +113,7 @@ def test_tls_1_2_is_accepted_and_older_versions_are_refused(
     with RawClient(tls_server.host, tls_server.port) as client:
         client.command("EHLO old-client.test")
         assert client.command("STARTTLS").startswith("220 2.0.0")
-        failed = tls_server.log().count('"event": "tls_failed"')
+        failed = len(logged(tls_server, "tls_failed"))
         with pytest.raises(ssl.SSLError, match=r"ALERT_PROTOCOL_VERSION|UNEXPECTED_EOF"):
             client.start_tls(old, HOSTNAME)
     wait_for_log(tls_server, "tls_failed", failed + 1)  # the server refused the handshake

@@ -28,6 +28,7 @@ from backupmx.queue.records import (
 from backupmx.queue.store import Store
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id
+from tests.support.waiting import wait_for
 
 
 def intake_pids(server: ServerProcess) -> list[int]:
@@ -79,10 +80,7 @@ def test_the_intake_ignores_sigterm_and_a_killed_intake_is_replaced(server: Serv
     held = [send(server, "after-sigterm")]
 
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(first):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: not alive(first), 10, "the killed intake to be gone", interval=0.05)
     time.sleep(1.1)  # a failing intake is restarted at most once a second
     held.append(send(server, "after-kill"))  # the next message starts a new intake
     (second,) = intake_pids(server)
@@ -95,10 +93,8 @@ def test_the_intake_ignores_sigterm_and_a_killed_intake_is_replaced(server: Serv
 def test_the_intake_leaves_when_the_server_is_killed(server: ServerProcess) -> None:
     (intake,) = intake_pids(server)
     server.kill()
-    deadline = time.monotonic() + 10
-    while alive(intake):
-        assert time.monotonic() < deadline, "the intake outlived its server"
-        time.sleep(0.05)
+    wait_for(lambda: not alive(intake), 10, "the intake to leave after its server", interval=0.05)
+    assert not alive(intake), "the intake outlived its server"
 
 
 def new_message(session: str, sender: str) -> NewMessage:

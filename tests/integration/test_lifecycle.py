@@ -31,6 +31,7 @@ from backupmx.queue.records import BytesBody, NewMessage, NewRecipient, new_queu
 from backupmx.queue.store import Store
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawSession
+from tests.support.waiting import logged, wait_for, wait_for_log
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)")
 OTHER = "example.org"
@@ -57,41 +58,21 @@ def send(server: ServerProcess, recipients: list[str], tag: str = "msg") -> str:
     return match.group(1)
 
 
-def wait_for_log(server: ServerProcess, event: str, count: int, timeout: float = 10) -> str:
-    """Wait until the log holds `count` lines of `event`; return the last one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [line for line in server.log().splitlines() if f'"event": "{event}"' in line]
-        if len(lines) >= count:
-            return lines[count - 1]
-        assert time.monotonic() < deadline, f"no {event!r} in the log:\n{server.log()[-2000:]}"
-        time.sleep(0.05)
-
-
-def log_count(server: ServerProcess, event: str) -> int:
-    return sum(f'"event": "{event}"' in line for line in server.log().splitlines())
-
-
 def settled_queue(server: ServerProcess, timeout: float = 10) -> list[dict[str, Any]]:
     """`queue list`, once no recipient is in the middle of a delivery attempt.
 
     The primary (127.0.0.1:9) refuses connections, so any attempt ends at once
     with the recipient queued again; admin verbs act on queued recipients.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def settled() -> tuple[list[dict[str, Any]]] | None:
         listed = server.queue()
         if all(r["state"] != "sending" for m in listed for r in m["recipients"]):
-            return listed
-        assert time.monotonic() < deadline, f"recipients still sending: {listed}"
-        time.sleep(0.1)
+            return (listed,)
+        return None
 
-
-def wait_for_exit(server: ServerProcess, timeout: float) -> int:
-    """Wait for the process to exit by itself (stop() would signal it again)."""
-    assert server.process is not None
-    server.process.wait(timeout)
-    return server.stop()
+    (listed,) = wait_for(settled, timeout, "no recipient in state sending")
+    return listed
 
 
 # --------------------------------------------------------------------------- SIGTERM
@@ -125,7 +106,7 @@ def test_sigterm_answers_idle_421_lets_data_finish_and_exits_0(server_factory: A
         final = busy.reply()
         match = QUEUED.search(final)
         assert match, f"the session in DATA got {final!r}"
-        status = wait_for_exit(server, drain_timeout)
+        status = server.wait_for_exit(drain_timeout)
         assert status == 0
         assert time.monotonic() - signalled < drain_timeout
     finally:
@@ -154,7 +135,7 @@ def test_sigterm_cuts_a_stuck_data_session_after_drain_timeout(server_factory: A
         assert stuck.closed_by_server()
         cut_after = time.monotonic() - signalled
         assert 1.5 < cut_after < 6, f"cut after {cut_after:.1f}s with drain_timeout 2s"
-        assert wait_for_exit(server, 10) == 0
+        assert server.wait_for_exit(10) == 0
     finally:
         stuck.close()
     assert server.queue() == []
@@ -181,7 +162,7 @@ def test_a_signal_while_draining_does_not_kill_the_server(
         assert server.process.poll() is None, f"{late.name} while draining killed the server"
         busy.sock.sendall(b"second half\r\n.\r\n")
         assert QUEUED.search(busy.reply())
-        assert wait_for_exit(server, 15) == 0
+        assert server.wait_for_exit(15) == 0
     finally:
         busy.close()
     assert len(server.queue()) == 1
@@ -198,7 +179,7 @@ def test_sighup_adds_a_domain_and_keeps_open_sessions(server: ServerProcess) -> 
 
         server.settings["domain"].append({"name": OTHER, "primary": ["127.0.0.1:9"]})
         server.write_config()
-        reloads = log_count(server, "reloaded")
+        reloads = len(logged(server, "reloaded"))
         server.signal(signal.SIGHUP)
         wait_for_log(server, "reloaded", reloads + 1)
 
@@ -225,7 +206,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(server: ServerProcess) ->
         server.settings["domain"].append({"name": OTHER})
         server.settings["unknown_setting"] = 1
         server.write_config()
-        refusals = log_count(server, "reload_refused")
+        refusals = len(logged(server, "reload_refused"))
         server.signal(signal.SIGHUP)
         refused = wait_for_log(server, "reload_refused", refusals + 1)
         assert "unknown_setting" in refused
@@ -243,7 +224,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(server: ServerProcess) ->
         client.ehlo("client.test")
         client.mail("probe@sender.test")
         assert client.rcpt(f"x@{OTHER}")[0] == 550
-    assert log_count(server, "reloaded") == 0
+    assert len(logged(server, "reloaded")) == 0
 
 
 # --------------------------------------------------------------------------- config check

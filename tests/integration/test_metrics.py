@@ -1,11 +1,12 @@
 """Metrics and health: a real `backupmx serve`, scraped over HTTP and parsed with prometheus_client.
 
-The integration tests send real mail (smtplib) to a server whose primary
+The tests send real mail (smtplib) to a server whose primary
 (127.0.0.1:9) refuses connections, then read ``/metrics`` with
 ``prometheus_client.parser`` and ``/healthz`` as JSON: counters for what
 happened, gauges for what the queue holds, ``503`` once the queue database is
 gone (a PostgreSQL database dropped under the server, an SQLite file moved away)
-while the process keeps running.
+while the process keeps running.  The pure parts (reply reasons, domain labels,
+the queue summary) are in tests/unit/test_metrics.py.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import smtplib
 import time
 import urllib.error
 import urllib.request
-from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backupmx import metrics
-from backupmx.mail.address import RelayDomains
-from backupmx.queue.records import DomainState, DomainStats, Stats, utcnow
 from tests.support.ports import free_port
 from tests.support.server import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess
-from tests.support.waiting import wait_for_port
+from tests.support.waiting import wait_for, wait_for_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -58,6 +55,12 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def scrape_if(server: ServerProcess, condition: Callable[[Samples], bool]) -> Samples | None:
+    """A scrape whose samples meet `condition`, or None: a check for `wait_for`."""
+    samples = scrape(server)
+    return samples if condition(samples) else None
+
+
 def healthz(server: ServerProcess) -> tuple[int, dict[str, Any]]:
     status, body = http(server, "/healthz")
     return status, json.loads(body)
@@ -72,58 +75,6 @@ def metered(server_factory: Any, **settings: Any) -> ServerProcess:
     # The SMTP port opens first; the endpoint follows a moment later (seen under load).
     wait_for_port("127.0.0.1", port)
     return server
-
-
-def wait_until(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
-
-
-# --------------------------------------------------------------------------- pure parts
-
-
-def test_reply_reasons_are_named_by_enhanced_status_code() -> None:
-    assert metrics.reason("552 5.3.4 Error: message size exceeds fixed limit") == "too_big"
-    assert metrics.reason("451 4.3.0 Error: queue file write error") == "storage_error"
-    assert metrics.reason("550 5.7.1 Relay access denied") == "denied"
-    assert metrics.reason("550 5.9.9 something new") == "5.9.9"
-
-
-def test_domain_labels_are_the_backed_up_domains_and_other() -> None:
-    metrics.follow(RelayDomains(["example.com", ".example.org"]))
-    try:
-        assert metrics.domain_label("EXAMPLE.com") == "example.com"
-        assert metrics.domain_label("mx.example.org") == "mx.example.org"
-        assert metrics.domain_label("sender.test") == metrics.OTHER
-        assert metrics.domain_label("not a domain") == metrics.OTHER
-    finally:
-        metrics.follow(RelayDomains(()))
-
-
-def test_queue_summary_names_the_primaries_that_are_down() -> None:
-    metrics.follow(RelayDomains(["example.com", "example.net"]))
-    try:
-        now = utcnow()
-        stats = Stats(
-            3,
-            {"queued": 4, "sending": 1, "held": 2, "delivered": 9, "bounced": 0, "expired": 0},
-            now,
-            [DomainStats("example.com", {"queued": 4, "sending": 1, "held": 2}, now)],
-        )
-        states = {
-            name: DomainState(name, state, now - timedelta(hours=1), None, None, None, None)
-            for name, state in [("example.com", "down"), ("example.net", "up"), ("x.test", "down")]
-        }
-        summary = metrics.QueueView(stats, states).summary()
-    finally:
-        metrics.follow(RelayDomains(()))
-    assert summary == (
-        "queue: 3 message(s), 5 recipient(s) waiting, 2 held; primary down: example.com"
-    )
 
 
 # --------------------------------------------------------------------------- backupmx serve
@@ -147,24 +98,29 @@ def test_scrape_counts_accepted_and_rejected_mail_and_shows_the_held_queue(
     # The primary refuses.  Either the first delivery attempt or the start-up probe
     # finds it down first (a race); a domain that is down is not tried again before
     # its retry time, so an operator's flush makes the attempt whose deferrals count.
-    down = wait_until(
-        lambda: (s := scrape(server)) and value(s, "backupmx_primary_up", domain=DOMAIN) == 0 and s
+    down = wait_for(
+        lambda: scrape_if(server, lambda s: value(s, "backupmx_primary_up", domain=DOMAIN) == 0),
+        15.0,
+        f"backupmx_primary_up{{domain={DOMAIN}}} to be 0",
+        interval=0.2,
     )
-    assert down, server.log()
     deferred = value(down, "backupmx_recipients_total", domain=DOMAIN, result="deferred") or 0
     server.cli("queue", "flush", "--domain", DOMAIN)
     # (A delivery claimed just before the probe's verdict may still defer its two
     # recipients without knocking; the flush's attempt knocks, which opens the pacer.)
-    samples = wait_until(
-        lambda: (
-            (s := scrape(server))
-            and (value(s, "backupmx_recipients_total", domain=DOMAIN, result="deferred") or 0)
-            >= deferred + 2
-            and value(s, "backupmx_host_concurrency", host="127.0.0.1") == 1
-            and s
-        )
+    samples = wait_for(
+        lambda: scrape_if(
+            server,
+            lambda s: (
+                (value(s, "backupmx_recipients_total", domain=DOMAIN, result="deferred") or 0)
+                >= deferred + 2
+                and value(s, "backupmx_host_concurrency", host="127.0.0.1") == 1
+            ),
+        ),
+        15.0,
+        "two more deferred recipients after the flush, with a host concurrency of 1",
+        interval=0.2,
     )
-    assert samples, server.log()
     assert value(samples, "backupmx_primary_up", domain=DOMAIN) == 0
     connections = "backupmx_connections_total"  # the start-up wait connected once already
     earlier = value(before, connections, result="accepted") or 0
@@ -213,7 +169,6 @@ def test_metrics_port_in_use_does_not_stop_the_mail_server(server_factory: Any) 
     assert second.stop() == 0 and first.stop() == 0
 
 
-@pytest.mark.integration
 def test_healthz_is_503_when_the_postgresql_database_is_dropped(
     server_factory: Any, postgres_url: str
 ) -> None:

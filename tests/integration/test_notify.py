@@ -1,84 +1,32 @@
 """The sd_notify protocol: what `backupmx serve` tells systemd, over a real AF_UNIX datagram socket.
 
-The unit tests bind a datagram socket (a path, or an abstract-namespace name
-given as ``@name``) and read what `Notifier` sends.  The integration tests start
-a real ``backupmx serve`` with ``$NOTIFY_SOCKET`` pointing at such a socket, as
-systemd does for ``Type=notify``: READY=1 arrives only once the SMTP port
-accepts connections, STATUS= carries the queue size, WATCHDOG=1 comes every
-``$WATCHDOG_USEC``/2, a SIGHUP with a broken file changes nothing, and SIGTERM
-sends STOPPING=1 before the drain.
+A real ``backupmx serve`` starts with ``$NOTIFY_SOCKET`` pointing at a bound
+datagram socket (tests/support/notify_socket.py), as systemd does for
+``Type=notify``: READY=1 arrives only once the SMTP port accepts connections,
+STATUS= carries the queue size, WATCHDOG=1 comes every ``$WATCHDOG_USEC``/2, a
+SIGHUP with a broken file changes nothing, and SIGTERM sends STOPPING=1 before
+the drain.  `Notifier` on its own is tested in tests/unit/test_notifier.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from backupmx.notify import Notifier
+from tests.support.notify_socket import NotifySocket
 from tests.support.ports import free_port
 from tests.support.server import DOMAIN, ServerProcess
-
-
-class NotifySocket:
-    """The service manager's end: a bound datagram socket and what arrived on it."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
-        self.received: list[dict[str, str]] = []
-
-    def wait_for(self, key: str, value: str = "", timeout: float = 20) -> dict[str, str]:
-        """The first datagram (already read or arriving within `timeout`) that sets `key`
-        to a value starting with `value`."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for message in self.received[seen:]:
-                if key in message and message[key].startswith(value):
-                    return message
-            seen = len(self.received)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {key}={value}… within {timeout}s: {self.received}")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.received.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
-
-    def drain(self) -> None:
-        """Read whatever is waiting, without blocking."""
-        self.sock.setblocking(False)
-        try:
-            while True:
-                data = self.sock.recv(4096)
-                self.received.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.setblocking(True)
-
-    def assignments(self) -> list[str]:
-        return [key for message in self.received for key in message]
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.support.waiting import wait_for_log
 
 
 @pytest.fixture
@@ -86,61 +34,6 @@ def abstract_socket() -> Iterator[NotifySocket]:
     receiver = NotifySocket(f"@backupmx-test-{secrets.token_hex(6)}")
     yield receiver
     receiver.close()
-
-
-@pytest.fixture
-def path_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    receiver = NotifySocket(str(tmp_path / "notify"))
-    yield receiver
-    receiver.close()
-
-
-# --------------------------------------------------------------------------- Notifier
-
-
-def test_notifier_sends_ready_and_status_in_one_datagram(path_socket: NotifySocket) -> None:
-    notifier = Notifier(path_socket.address)
-    notifier.ready("accepting mail")
-    assert path_socket.wait_for("READY") == {"READY": "1", "STATUS": "accepting mail"}
-    notifier.close()
-
-
-def test_notifier_reaches_an_abstract_namespace_socket(abstract_socket: NotifySocket) -> None:
-    notifier = Notifier(abstract_socket.address)
-    notifier.stopping("draining")
-    assert abstract_socket.wait_for("STOPPING") == {"STOPPING": "1", "STATUS": "draining"}
-    notifier.close()
-
-
-def test_a_newline_in_a_status_cannot_inject_an_assignment(path_socket: NotifySocket) -> None:
-    notifier = Notifier(path_socket.address)
-    notifier.status("database down\nREADY=1")
-    assert path_socket.wait_for("STATUS") == {"STATUS": "database down READY=1"}
-    notifier.close()
-
-
-def test_without_notify_socket_nothing_is_sent_and_nothing_fails() -> None:
-    notifier = Notifier.from_environment({})
-    assert notifier.address is None and notifier.watchdog_interval is None
-    notifier.ready("x")
-    notifier.watchdog()
-
-
-def test_a_vanished_manager_socket_is_logged_not_raised(tmp_path: Path) -> None:
-    notifier = Notifier(str(tmp_path / "gone"))
-    notifier.ready("x")
-    notifier.status("y")
-    notifier.close()
-
-
-def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_our_pid() -> None:
-    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "3000000"}
-    assert Notifier.from_environment(env).watchdog_interval == 1.5
-    mine = {**env, "WATCHDOG_PID": str(os.getpid())}
-    assert Notifier.from_environment(mine).watchdog_interval == 1.5
-    other = {**env, "WATCHDOG_PID": str(os.getpid() + 1)}
-    assert Notifier.from_environment(other).watchdog_interval is None
-    assert Notifier.from_environment({"WATCHDOG_USEC": "3000000"}).watchdog_interval is None
 
 
 # --------------------------------------------------------------------------- backupmx serve
@@ -227,10 +120,7 @@ def test_reload_with_a_broken_config_keeps_serving_and_tells_systemd_nothing_new
     server.settings["metrics"]["listen"] = "not an address"
     server.write_config()
     server.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while "reload_refused" not in server.log():
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.1)
+    wait_for_log(server, "reload_refused", timeout=15)
     assert "metrics.listen" in server.log()
     assert server.process is not None and server.process.poll() is None
     server.settings["metrics"]["listen"] = address  # what the running server still uses

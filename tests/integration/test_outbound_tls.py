@@ -8,16 +8,13 @@ whose Received: header names the protocol (ESMTPS) and the TLS version.
 from __future__ import annotations
 
 import smtplib
-import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trustme
 
 from tests.support.server import ServerProcess
-
-pytestmark = pytest.mark.integration
+from tests.support.waiting import wait_for, wait_for_state
 
 
 def make_primary(server_factory: Any, tmp_path: Path, ca: trustme.CA) -> ServerProcess:
@@ -43,17 +40,6 @@ def make_backup(server_factory: Any, primary: ServerProcess, **domain: Any) -> S
 def send(server: ServerProcess) -> None:
     with smtplib.SMTP(server.host, server.port, timeout=10) as client:
         client.sendmail("alice@sender.test", ["bob@example.test"], b"Subject: tls\r\n\r\nhi\r\n")
-
-
-def wait_for_state(server: ServerProcess, wanted: str, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        (message,) = server.queue()
-        recipient: dict[str, Any] = message["recipients"][0]
-        if recipient["state"] == wanted:
-            return recipient
-        time.sleep(0.3)
-    raise AssertionError(f"recipient never became {wanted}: {server.queue()}")
 
 
 def test_opportunistic_tls_encrypts_even_with_an_unknown_certificate(
@@ -91,13 +77,13 @@ def test_verify_defers_when_the_certificate_is_not_trusted(
     primary = make_primary(server_factory, tmp_path, trustme.CA())
     backup = make_backup(server_factory, primary, tls="verify")
     send(backup)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def tried() -> dict[str, Any] | None:
         (message,) = backup.queue()
-        recipient = message["recipients"][0]
-        if recipient["attempts"] >= 1 and recipient["last_error"]:
-            break
-        time.sleep(0.3)
+        found: dict[str, Any] = message["recipients"][0]
+        return found if found["attempts"] >= 1 and found["last_error"] else None
+
+    recipient = wait_for(tried, 15, "a failed delivery attempt", interval=0.3)
     assert recipient["state"] == "queued"
     assert (
         "certificate" in recipient["last_error"].lower() or "tls" in recipient["last_error"].lower()

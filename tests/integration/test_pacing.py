@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import json
 import smtplib
-import time
 from typing import Any
-
-import pytest
 
 from tests.support.ports import free_port
 from tests.support.primary_sink import SmtpSink
 from tests.support.server import ServerProcess
-
-pytestmark = pytest.mark.integration
+from tests.support.waiting import wait_for
 
 PRIMARY = "127.0.0.2"
 
@@ -53,9 +49,12 @@ def test_421_halves_the_window_and_successes_ramp_it_back_up_one_at_a_time(
             client.sendmail("a@sender.test", [f"r{i}@example.test"], b"Subject: x\r\n\r\nx\r\n")
     refusing = SmtpSink(PRIMARY, port, "-Q", "MAIL").start()
     try:
-        deadline = time.monotonic() + 20
-        while not any(now == 1 for _, now in windows(server)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(
+            lambda: any(now == 1 for _, now in windows(server)),
+            20,
+            "a 421 to shrink the window to one connection",
+            interval=0.2,
+        )
     finally:
         refusing.close()
     shrinking = windows(server)
@@ -64,10 +63,7 @@ def test_421_halves_the_window_and_successes_ramp_it_back_up_one_at_a_time(
     assert shrinking[-1][1] == 1
     accepting = SmtpSink(PRIMARY, port).start()
     try:
-        deadline = time.monotonic() + 40
-        while pending(server) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert pending(server) == 0
+        wait_for(lambda: pending(server) == 0, 40, "every recipient delivered", interval=0.3)
     finally:
         accepting.close()
     growing = windows(server)[len(shrinking) :]

@@ -6,14 +6,10 @@ from its queue."""
 from __future__ import annotations
 
 import smtplib
-import time
 from typing import Any
 
-import pytest
-
 from tests.support.server import ServerProcess
-
-pytestmark = pytest.mark.integration
+from tests.support.waiting import wait_for
 
 
 def pair(server_factory: Any) -> tuple[ServerProcess, ServerProcess]:
@@ -26,14 +22,9 @@ def pair(server_factory: Any) -> tuple[ServerProcess, ServerProcess]:
 
 
 def arrived(primary: ServerProcess, timeout: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        messages = primary.queue()
-        if messages:
-            (message,) = messages
-            return message
-        time.sleep(0.3)
-    raise AssertionError("nothing reached the primary")
+    """The one message the primary has, once something reached it."""
+    (message,) = wait_for(primary.queue, timeout, "mail at the primary", interval=0.3)
+    return message
 
 
 def test_dsn_parameters_reach_a_primary_that_supports_dsn_unchanged(server_factory: Any) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.test_client_checks import ZONE, GuardedServer
 
 from tests.support.dns_server import dns_zone
+from tests.support.guarded import ZONE, GuardedServer
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id, serving, split_received
 from tests.support.spam_filters import GTUBE, Spamd

@@ -28,6 +28,7 @@ import trustme
 from tests.support.ports import free_port
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id, serving, split_received, swaks
+from tests.support.waiting import wait_for
 
 MAX_SIZE = 1024 * 1024
 MAX_RECIPIENTS = 3
@@ -580,13 +581,15 @@ def test_swaks_with_tls_delivers(tls_mx: ServerProcess) -> None:
 
 def admitted(server: ServerProcess, source: str) -> RawClient:
     """A session from `source`, allowing the server 2 s to count closed sessions out."""
-    for _ in range(20):
+
+    def greeted() -> RawClient | None:
         client = RawClient(server.host, server.port, source=source)
         if client.greeting.code == 220:
             return client
         client.close()
-        time.sleep(0.1)
-    raise AssertionError(f"no 220 for a connection from {source}: {client.greeting}")
+        return None
+
+    return wait_for(greeted, 2, f"a 220 for a connection from {source}")
 
 
 def assert_refused(server: ServerProcess, source: str) -> None:

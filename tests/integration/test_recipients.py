@@ -14,6 +14,9 @@ would refuse, so that it never has to bounce later (backscatter).
 * Deliveries feed the same cache: delivered → known, 5.1.x bounce → unknown.
 * After ``max_unknown_recipients`` unknown recipients the next RCPT waits
   ``harvest_delay`` and gets ``421 4.7.0``; the session is closed.
+
+The verifier runs here against a real store (SQLite and PostgreSQL) with a fake
+callout; the list file's parsing and re-reading are in tests/unit/test_recipients.py.
 """
 
 from __future__ import annotations
@@ -34,59 +37,18 @@ from backupmx.mail.reply import CalloutAnswer
 from backupmx.queue.records import NewMessage, NewRecipient, Result, new_queue_id, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
-from backupmx.receive import recipients as recipients_module
-from backupmx.receive.recipients import (
-    RecipientList,
-    Status,
-    Verifier,
-    parse_list,
-)
+from backupmx.receive.recipients import Status, Verifier
 from backupmx.receive.spool import Spool
 from tests.support.ports import free_port
 from tests.support.primary_sink import SmtpSink
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient
 
-# --------------------------------------------------------------------------- list files
-
-
-def test_list_file_holds_addresses_and_catch_all_domains() -> None:
-    addresses, domains = parse_list(
-        [
-            "# the sales team",
-            "Alice@Example.TEST",
-            '"john.smith"@example.test   # quoted',
-            "@sub.example.test",
-            "",
-            "not an address",
-            "bob@bad..domain",
-        ]
-    )
-    assert addresses == {"alice@example.test", "john.smith@example.test"}
-    assert domains == {"sub.example.test"}
-
-
-def test_list_is_reread_when_its_mtime_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(recipients_module, "LIST_STAT_INTERVAL", 0.0)
-    path = tmp_path / "list.txt"
-    path.write_text("alice@example.test\n")
-    listed = RecipientList(str(path))
-    assert listed.knows(Address("ALICE", "example.test"))
-    assert not listed.knows(Address("bob", "example.test"))
-    path.write_text("bob@example.test\n")
-    os.utime(path, (time.time() + 5, time.time() + 5))
-    assert listed.knows(Address("bob", "example.test"))
-    path.unlink()  # a vanished file keeps the last good contents
-    assert listed.knows(Address("bob", "example.test"))
-
-
 # --------------------------------------------------------------------------- the verifier
 
 
 class FakeCallout:
-    """A primary that answers after `delay` seconds with `code` (unit tests only)."""
+    """A primary that answers after `delay` seconds with `code` (no SMTP at all)."""
 
     def __init__(self, code: int, delay: float = 0.0) -> None:
         self.code = code

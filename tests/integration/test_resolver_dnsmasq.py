@@ -129,11 +129,6 @@ async def test_a_nameserver_that_is_not_running_is_a_temporary_failure() -> None
     assert isinstance(await resolver.addresses("mx1.example.test"), TempFail)
 
 
-def test_a_nameserver_must_be_an_address() -> None:
-    with pytest.raises(ValueError):
-        Resolver([HostPort("ns1.example.test", 53)], timeout=1.0)
-
-
 # --------------------------------------------------------------------------- Resolver.addresses
 
 

@@ -5,12 +5,13 @@ a held one, a DSN to a sender, primaries up and down), then the real command lin
 runs as a separate process, as an administrator would run it, and its output is
 checked for content: which domain is down since when, what is held, how old it
 is, what the filters select, what a bulk action would do and then does.
+
+The bar chart and the progress bar alone are in tests/unit/test_status.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 import subprocess
@@ -23,8 +24,6 @@ from typing import Any
 
 import pytest
 
-from backupmx.cli.queue import Progress
-from backupmx.cli.status import bar_chart
 from backupmx.queue.database import upgrade
 from backupmx.queue.records import BytesBody, NewMessage, NewRecipient, new_queue_id, utcnow
 from backupmx.queue.store import Store
@@ -180,34 +179,6 @@ def test_status_of_a_running_server_says_healthy(server_factory: Any) -> None:
     output = server.cli("status").stdout
     assert re.search(r"server     running, healthy \(pid \d+, up \d+s\)", output), output
     assert server.stop() == 0
-
-
-def test_bar_chart_scales_to_the_largest_bucket() -> None:
-    histogram = [("< 5m", 2), ("5m-1h", 0), ("1h-4h", 1), ("> 5d", 1)]
-    lines = bar_chart(histogram).splitlines()
-    assert [line.count("#") for line in lines] == [40, 0, 20, 20]
-    assert [line.split()[-1] for line in lines] == ["2", "0", "1", "1"]
-
-
-def test_progress_bar_is_drawn_only_on_a_terminal_for_long_actions() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
-    progress = Progress("delete", 2000, screen)
-    progress.advance(500)
-    progress.advance(1500)
-    progress.done()
-    assert screen.getvalue() == (
-        "\rdelete [#######.......................] 500/2000"
-        "\rdelete [##############################] 2000/2000\n"
-    )
-    quiet = Terminal()
-    Progress("delete", 10, quiet).advance(10)  # one batch: nothing to watch
-    piped = io.StringIO()
-    Progress("delete", 2000, piped).advance(2000)
-    assert quiet.getvalue() == piped.getvalue() == ""
 
 
 # --------------------------------------------------------------------------- domains, queue list

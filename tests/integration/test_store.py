@@ -1,4 +1,7 @@
-"""The queue store against both backends: SQLite and a real PostgreSQL at 127.0.0.1:5432."""
+"""The queue store against both backends: SQLite and a real PostgreSQL at 127.0.0.1:5432.
+
+The group-commit writer alone, without a database, is in tests/unit/test_group_commit.py.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ from backupmx.queue.records import (
 )
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
-from backupmx.queue.writer import GroupCommitWriter
 from backupmx.receive.spool import Spool
 
 
@@ -205,40 +207,6 @@ async def test_migration_creates_the_models(store: Store) -> None:
         assert {i.name for i in reflected.tables[table.name].indexes} == {
             i.name for i in table.indexes
         }
-
-
-async def test_group_commit_batches_concurrent_sessions() -> None:
-    batches: list[int] = []
-
-    async def write(batch: object) -> None:
-        batches.append(len(batch))  # type: ignore[arg-type]
-        await asyncio.sleep(0.01)
-
-    class Item:
-        size = 10
-
-    writer: GroupCommitWriter[Item] = GroupCommitWriter(write)
-    writer.start()
-    await asyncio.gather(*(writer.submit(Item()) for _ in range(100)))
-    await writer.stop()
-    assert sum(batches) == 100
-    assert len(batches) < 10
-
-
-async def test_group_commit_failure_reaches_every_waiting_session() -> None:
-    async def write(batch: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    class Item:
-        size = 10
-
-    writer: GroupCommitWriter[Item] = GroupCommitWriter(write)
-    writer.start()
-    results = await asyncio.gather(
-        *(writer.submit(Item()) for _ in range(5)), return_exceptions=True
-    )
-    await writer.stop()
-    assert all(isinstance(r, OSError) for r in results)
 
 
 async def test_a_primarys_reply_with_nul_and_undecodable_bytes_is_recorded(store: Store) -> None:

@@ -21,7 +21,6 @@ server that exits or stays silent raises RuntimeError with its stderr.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import dns.query
 
 from backupmx.mail.hosts import HostPort
 from tests.support.ports import free_port
+from tests.support.waiting import ProcessExited, wait_while_running
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 START_SECONDS = 10.0
@@ -95,18 +95,25 @@ def start_dnsmasq(directory: Path, name: str, config: str) -> Dnsmasq:
     )
     server = Dnsmasq(process, port, log)
     probe = dns.message.make_query("probe.invalid", "A")
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            error = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"dnsmasq ({name}) exited: {error}")
+
+    def answers() -> bool:
         try:
             dns.query.udp(probe, "127.0.0.1", port=port, timeout=0.2)
-            return server
         except (dns.exception.Timeout, OSError):
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"dnsmasq ({name}) did not answer on 127.0.0.1:{port}")
+            return False
+        return True
+
+    try:
+        wait_while_running(
+            process, answers, START_SECONDS, f"dnsmasq ({name}) to answer", interval=0.05
+        )
+    except ProcessExited:
+        error = process.stderr.read().decode() if process.stderr else ""
+        raise RuntimeError(f"dnsmasq ({name}) exited: {error}") from None
+    except TimeoutError:
+        server.stop()
+        raise RuntimeError(f"dnsmasq ({name}) did not answer on 127.0.0.1:{port}") from None
+    return server
 
 
 @contextmanager

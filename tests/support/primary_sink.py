@@ -35,6 +35,8 @@ from typing import Any, Self
 
 from aiosmtpd.controller import Controller
 
+from tests.support.waiting import ProcessExited, wait_for_process_port
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 START_SECONDS = 10.0
 STOP_SECONDS = 10.0
@@ -87,14 +89,6 @@ def parse_dump(path: Path) -> Dumped:
     return Dumped(path, mail_args, tuple(rcpt_args), content[:-1])
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 class SmtpSink:
     """One smtp-sink process on ``host:port`` that dumps what it accepts."""
 
@@ -129,16 +123,15 @@ class SmtpSink:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + START_SECONDS
-        while not _port_open(self.host, self.port):
-            if self.process.poll() is not None:
-                error = self.process.stderr.read().decode() if self.process.stderr else ""
-                self.process = None
-                raise RuntimeError(f"smtp-sink on {self.host}:{self.port} exited: {error}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"smtp-sink did not listen on {self.host}:{self.port}")
-            time.sleep(0.02)
+        try:
+            wait_for_process_port(self.process, self.host, self.port, START_SECONDS, interval=0.02)
+        except ProcessExited:
+            error = self.process.stderr.read().decode() if self.process.stderr else ""
+            self.process = None
+            raise RuntimeError(f"smtp-sink on {self.host}:{self.port} exited: {error}") from None
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"smtp-sink did not listen on {self.host}:{self.port}") from None
         self.started_at = time.monotonic()
         return self
 

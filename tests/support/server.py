@@ -19,7 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 
 from tests.support.ports import free_port
-from tests.support.waiting import wait_for_port
+from tests.support.waiting import ProcessExited, wait_for_process_port
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BACKUPMX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -96,8 +96,8 @@ class ServerProcess:
             cwd=self.directory,
         )
         try:
-            wait_for_port(self.host, self.port)
-        except TimeoutError:
+            wait_for_process_port(self.process, self.host, self.port, timeout=15)
+        except (ProcessExited, TimeoutError):
             self.process.kill()
             raise RuntimeError(f"backupmx did not start:\n{self.log()}") from None
         return self

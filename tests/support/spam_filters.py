@@ -22,10 +22,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from tests.support.ports import free_port
+from tests.support.waiting import ProcessExited, wait_for_process_port
 
 SPAMD = "/usr/sbin/spamd"
 RSPAMD = "/usr/bin/rspamd"
@@ -34,21 +34,15 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 def _wait_for_port(process: subprocess.Popen[bytes], port: int, log: Path, name: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(
-        f"{name} did not listen on {port}: {log.read_text(errors='replace')[-3000:]}"
-    )
+    try:
+        wait_for_process_port(process, "127.0.0.1", port, START_SECONDS, interval=0.1)
+    except ProcessExited:
+        raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')[-3000:]}") from None
+    except TimeoutError:
+        process.kill()
+        raise RuntimeError(
+            f"{name} did not listen on {port}: {log.read_text(errors='replace')[-3000:]}"
+        ) from None
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:

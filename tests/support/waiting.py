@@ -7,11 +7,16 @@ machine gives a readable failure rather than a bare timeout.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class ProcessExited(RuntimeError):
+    """The process a wait was for exited before what was waited for came."""
 
 
 class Logging(Protocol):
@@ -44,6 +49,72 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port}")
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts a connection on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_while_running(
+    process: subprocess.Popen[Any],
+    check: Callable[[], T],
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+) -> T:
+    """Poll `check` until it returns something true and return that, for as long as
+    `process` runs: ProcessExited as soon as it has exited, TimeoutError after `timeout`.
+
+    For waiting on a process that is starting up: one that died says so at once
+    instead of after the whole timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise ProcessExited(f"exited with status {process.returncode} before {what}")
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_process_port(
+    process: subprocess.Popen[Any], host: str, port: int, timeout: float, interval: float = 0.05
+) -> None:
+    """Wait until `process` accepts connections on host:port (see `wait_while_running`)."""
+    wait_while_running(
+        process, lambda: port_open(host, port), timeout, f"a listener on {host}:{port}", interval
+    )
+
+
+def wait_for_success(
+    action: Callable[[], T],
+    timeout: float,
+    what: str,
+    errors: tuple[type[BaseException], ...] = (OSError,),
+    interval: float = 0.1,
+) -> T:
+    """Call `action` until it no longer raises one of `errors`; return what it returns.
+
+    After `timeout`, fails (AssertionError) naming `what` and the last error.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return action()
+        except errors as error:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout:g} s waiting for {what}: {error!r}"
+                ) from error
+        time.sleep(interval)
 
 
 def logged(server: Logging, event: str) -> list[str]:
