@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.ports import free_port
 from tests.support.server import DOMAIN, POSTGRES_ADMIN_URL, ServerProcess
-from tests.support.waiting import wait_for, wait_for_port
+from tests.support.waiting import port_open, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -73,7 +73,7 @@ def metered(server_factory: Any, **settings: Any) -> ServerProcess:
     )
     server.start()
     # The SMTP port opens first; the endpoint follows a moment later (seen under load).
-    wait_for_port("127.0.0.1", port)
+    wait_for(lambda: port_open("127.0.0.1", port), 15, f"the metrics endpoint on port {port}")
     return server
 
 

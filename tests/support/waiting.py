@@ -39,18 +39,6 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
     return value
 
 
-def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
-    """Wait until something accepts connections on host:port (TimeoutError if not)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port}")
-
-
 def port_open(host: str, port: int) -> bool:
     """Whether something accepts a connection on host:port right now."""
     try:
