@@ -9,6 +9,11 @@ from alembic import context
 from backupmx.queue.models import metadata
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    render_as_batch=True,
+    transaction_per_migration=True,
+)
 with context.begin_transaction():
     context.run_migrations()

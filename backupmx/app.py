@@ -4,7 +4,8 @@ and run them in one asyncio event loop.
 Start-up: migrate the queue schema, give back leases this node left behind
 (a crash), start the group-commit writer, bind the listeners, start the
 deliverer and the scheduled jobs (probes every ``probe_interval``; expiry,
-delay warnings and lease recovery every ``housekeeping_interval``).
+delay warnings, lease recovery and the retention of finished messages every
+``housekeeping_interval``).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
@@ -24,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -54,6 +57,9 @@ from backupmx.receive.policy import policy_from
 from backupmx.receive.recipients import CacheKeeper, Verifier
 from backupmx.resolver import Resolver
 
+# How long one housekeeping run keeps sweeping overdue mail (500 recipients per
+# transaction); what is left waits for the next run.
+SWEEP_BUDGET = 30.0
 log = structlog.get_logger("backupmx")
 
 
@@ -176,22 +182,43 @@ class App:
         )
 
     async def housekeeping(self) -> None:
-        """Lease recovery, expiry with DSNs, delay warnings (every ``housekeeping_interval``)."""
+        """Lease recovery, expiry with DSNs, delay warnings, and the retention of finished
+        messages (every ``housekeeping_interval``)."""
         delivery = self.config.delivery
         now = utcnow()
         await self.store.release_expired_leases(now)
-        expired = await self.store.sweep(
-            Event.EXPIRE,
-            self._expired,
-            older_than=expires_before(now, delivery.max_queue_lifetime),
+        expired = await self._sweep_all(
+            Event.EXPIRE, self._expired, expires_before(now, delivery.max_queue_lifetime)
         )
         if expired:
             log.info("recipients_expired", count=expired)
         delayed = warns_before(now, delivery.delay_warning)
         if delayed is not None:
-            warned = await self.store.sweep(None, self.notices.for_delayed, older_than=delayed)
+            warned = await self._sweep_all(None, self.notices.for_delayed, delayed)
             if warned:
                 log.info("delay_warnings_queued", count=warned)
+        forgotten = await self.store.forget_finished(
+            now - timedelta(seconds=self.config.queue.keep_finished)
+        )
+        given_back = await self.store.give_back_space()
+        if forgotten or given_back:
+            log.info("finished_forgotten", messages=forgotten, bytes_given_back=given_back)
+
+    async def _sweep_all(
+        self,
+        event: Event | None,
+        notices_for: Callable[[list[Overdue]], list[NewMessage]],
+        older_than: datetime,
+    ) -> int:
+        """Sweep until nothing is left or `SWEEP_BUDGET` seconds have passed: a sweep
+        takes a bounded number of recipients per transaction."""
+        deadline = time.monotonic() + SWEEP_BUDGET
+        total = 0
+        while swept := await self.store.sweep(event, notices_for, older_than=older_than):
+            total += swept
+            if time.monotonic() > deadline:
+                break
+        return total
 
     def _expired(self, overdue: list[Overdue]) -> list[NewMessage]:
         metrics.recipients_expired(o.address for o in overdue)

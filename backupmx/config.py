@@ -181,6 +181,14 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Queue:
+    # How long the record of a finished message (envelope, each recipient's outcome,
+    # no body) stays for `queue list --all` and `queue show`.  Its body goes at once.
+    # Postfix keeps nothing but the log; a week answers "what happened to X's mail".
+    keep_finished: Annotated[float, Duration] = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class Dns:
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty: the system resolver
     timeout: Annotated[float, Duration] = 5.0
@@ -338,6 +346,7 @@ class Config:
     etrn_clients: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     delivery: Delivery = field(default_factory=Delivery)
+    queue: Queue = field(default_factory=Queue)
     dns: Dns = field(default_factory=Dns)
     tls: Tls = field(default_factory=Tls)
     spamcheck: SpamCheck = field(default_factory=SpamCheck)
@@ -540,6 +549,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("delivery.claim_batch", "must be at least 1")
     if config.delivery.housekeeping_interval < 1:
         raise ConfigError("delivery.housekeeping_interval", "must be at least 1s")
+    if config.queue.keep_finished < 2 * config.delivery.housekeeping_interval:
+        # The recipient cache learns from finished records once per housekeeping run.
+        raise ConfigError(
+            "queue.keep_finished", "must be at least twice delivery.housekeeping_interval"
+        )
     limits = config.limits
     if limits.max_recipients < 1:
         raise ConfigError("limits.max_recipients", "must be at least 1")

@@ -219,6 +219,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             await run_action(store, args, config)
         elif verb == "export":
             message = await store.message(args.id)
+            _require_body(message)
             body = await store.body(args.id)
             if args.json:
                 encoded = base64.b64encode(body).decode()
@@ -228,6 +229,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
                 sys.stdout.buffer.flush()
         elif verb == "show":
             if args.raw:
+                _require_body(await store.message(args.id))
                 sys.stdout.buffer.write(await store.body(args.id))
                 sys.stdout.buffer.flush()
             else:
@@ -389,9 +391,19 @@ def render_list(found: Sequence[MessageView]) -> str:
     ) + (f"\n-- {len(found)} message(s), {recipients} recipient(s)")
 
 
+def _require_body(message: MessageView) -> None:
+    if message.finished_at is not None:
+        raise CommandError(
+            f"{message.id} is finished (every recipient delivered, bounced or expired)"
+            f" since {message.finished_at.isoformat(timespec='seconds')}: its body was removed"
+        )
+
+
 def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) -> str:
     header_end = body.find(b"\r\n\r\n")
     headers = body[: header_end if header_end >= 0 else len(body)].decode("utf-8", "replace")
+    if m.finished_at is not None:
+        headers = "(finished: the body was removed; this record goes after [queue] keep_finished)"
     facts = [
         ("id", m.id),
         ("sender", m.sender or "<>"),
@@ -405,6 +417,7 @@ def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) 
         ("dsn", f"RET={m.ret or '-'} ENVID={m.envid or '-'}"),
         ("sha256", m.sha256),
         ("spam", _spam(spam)),
+        *([("finished", m.finished_at.isoformat(timespec="seconds"))] if m.finished_at else []),
     ]
     rows = [
         [

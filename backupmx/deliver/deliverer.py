@@ -123,7 +123,6 @@ class Deliverer:
         try:
             while True:
                 await self._wait_for_room()
-                await self.store.park_down(utcnow() + timedelta(seconds=self.settings.retry_min))
                 claimed_at = time.monotonic()
                 claims = await self.store.claim(
                     self.owner,

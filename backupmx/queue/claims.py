@@ -10,9 +10,10 @@ Promises:
 * A claimant that dies leaves ``sending`` rows whose lease runs out;
   `release_expired_leases` puts them back, and a node starting again gives back
   its own at once (`release_leases`).
-* Recipients of a domain whose primary is down are not claimed: `park_down` moves
-  them out of the way, `make_due` brings them back (a primary that came back, an
-  operator's flush, an ETRN).
+* Recipients of a domain whose primary is down are not claimed, and not touched
+  either: the claim skips the domain (see `Claims.claim`).  `make_due` brings
+  mail deferred by backoff forward (a primary that came back, an operator's
+  flush, an ETRN), in one statement.
 
 Every state change here is a transition of `backupmx.queue.state`.
 """
@@ -23,7 +24,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, union_all, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import domains, messages, recipients
@@ -62,51 +64,67 @@ class Claims(QueueDatabase):
         Recipients of a domain whose primary is known to be down are left alone: the
         probes decide when it is worth trying again (`make_due` then), so a backup
         holding mail for a dead primary does not knock on its door with every message.
+
+        Theory of operation.  Due mail is looked for per domain that is not down, each
+        domain's oldest first along ``ix_recipients_due`` (state, domain,
+        next_attempt_at), in one UNION ALL of `limit`-row arms; the arms are merged by
+        due time.  A million recipients held for a down domain are never read, and an
+        idle poll costs one index seek per domain that is not down, whatever is held.
+        (One ``domain IN (…) ORDER BY next_attempt_at`` would sort every due row of
+        every open domain on each claim, a million during a flush.)
         """
         now = now or utcnow()
-        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
-        due = (
-            select(recipients.c.id)
-            .where(
-                recipients.c.state.in_(sources(Event.CLAIM)),
-                recipients.c.next_attempt_at <= now,
-                recipients.c.domain.not_in(down),
-            )
-            .order_by(recipients.c.next_attempt_at)
-            .limit(limit)
-        )
-        values = {
-            "state": target(Event.CLAIM),
-            "lease_owner": owner,
-            "lease_until": now + lease,
-            "attempts": recipients.c.attempts + 1,
-            "updated_at": now,
-        }
-        returning = (
-            recipients.c.id,
-            recipients.c.message_id,
-            recipients.c.address,
-            recipients.c.domain,
-            recipients.c.attempts,
-            recipients.c.dsn_notify,
-            recipients.c.dsn_orcpt,
-        )
-        if self.dialect == "postgresql":
-            chosen = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
-            statement = (
-                update(recipients)
-                .where(recipients.c.id == chosen.c.id)
-                .values(values)
-                .returning(*returning)
-            )
-        else:
-            statement = (
-                update(recipients)
-                .where(recipients.c.id.in_(due))
-                .values(values)
-                .returning(*returning)
-            )
+        open_domains = select(domains.c.name).where(domains.c.state != PrimaryState.DOWN)
         async with self.engine.begin() as conn:
+            names = list((await conn.execute(open_domains)).scalars())
+            candidates = await _due(conn, names, limit, now)
+            if not candidates:
+                return []
+            due = (
+                select(recipients.c.id)
+                .where(
+                    recipients.c.id.in_(candidates),
+                    recipients.c.state.in_(sources(Event.CLAIM)),
+                )
+                .order_by(recipients.c.next_attempt_at)
+                .limit(limit)
+            )
+            values = {
+                "state": target(Event.CLAIM),
+                "lease_owner": owner,
+                "lease_until": now + lease,
+                "attempts": recipients.c.attempts + 1,
+                "updated_at": now,
+            }
+            returning = (
+                recipients.c.id,
+                recipients.c.message_id,
+                recipients.c.address,
+                recipients.c.domain,
+                recipients.c.attempts,
+                recipients.c.dsn_notify,
+                recipients.c.dsn_orcpt,
+            )
+            if self.dialect == "postgresql":
+                # Another node may be claiming the same candidates: SKIP LOCKED leaves
+                # it those, in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n FOR
+                # UPDATE SKIP LOCKED)`` can claim more than n rows).
+                chosen = (
+                    due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+                )
+                statement = (
+                    update(recipients)
+                    .where(recipients.c.id == chosen.c.id)
+                    .values(values)
+                    .returning(*returning)
+                )
+            else:
+                statement = (
+                    update(recipients)
+                    .where(recipients.c.id.in_(due))
+                    .values(values)
+                    .returning(*returning)
+                )
             rows = (await conn.execute(statement)).all()
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
@@ -114,34 +132,6 @@ class Claims(QueueDatabase):
         query = select(*OUTBOUND_COLUMNS).where(messages.c.id.in_(list(ids)))
         async with self.engine.connect() as conn:
             return {row.id: outbound_record(row) for row in await conn.execute(query)}
-
-    async def park_down(self, until: datetime, now: datetime | None = None) -> int:
-        """Due recipients of domains whose primary is down wait until `until` (or until
-        a probe finds the primary back and `make_due` releases them).  New mail for a
-        dead primary is touched once here instead of being scanned by every claim."""
-        now = now or utcnow()
-        down = select(domains.c.name).where(domains.c.state == PrimaryState.DOWN)
-        async with self.engine.begin() as conn:
-            outcome = await conn.execute(
-                update(recipients)
-                .where(
-                    recipients.c.state == State.QUEUED.value,
-                    recipients.c.next_attempt_at <= now,
-                    recipients.c.domain.in_(down),
-                )
-                .values(
-                    next_attempt_at=until,
-                    updated_at=now,
-                    # Mail that never got a try still says why it waits.
-                    last_error=func.coalesce(
-                        recipients.c.last_error,
-                        select(domains.c.reason)
-                        .where(domains.c.name == recipients.c.domain)
-                        .scalar_subquery(),
-                    ),
-                )
-            )
-        return outcome.rowcount
 
     async def make_due(
         self,
@@ -197,3 +187,28 @@ class Claims(QueueDatabase):
                 .values(state=target(event), updated_at=now, lease_owner=None, lease_until=None)
             )
         return outcome.rowcount
+
+
+# SQLite's limit on the arms of one compound SELECT is 500.
+_ARMS = 200
+
+
+async def _due(conn: AsyncConnection, names: Sequence[str], limit: int, now: datetime) -> list[int]:
+    """The ids of the `limit` recipients due longest among the domains `names`."""
+    found: list[tuple[datetime, int]] = []
+    for start in range(0, len(names), _ARMS):
+        arms = [
+            select(recipients.c.id, recipients.c.next_attempt_at)
+            .where(
+                recipients.c.state.in_(sources(Event.CLAIM)),
+                recipients.c.domain == name,
+                recipients.c.next_attempt_at <= now,
+            )
+            .order_by(recipients.c.next_attempt_at)
+            .limit(limit)
+            .subquery()
+            for name in names[start : start + _ARMS]
+        ]
+        query = union_all(*(select(arm.c.id, arm.c.next_attempt_at) for arm in arms))
+        found.extend((due, id_) for id_, due in await conn.execute(query))
+    return [id_ for _, id_ in sorted(found)[:limit]]

@@ -5,8 +5,9 @@ The deliverer (`backupmx.deliver.primaries`) decides a domain's primary state
 keeps it, with the route in use, why mail waits, and the last probe, so that
 ``backupmx domains``, ``status``, the metrics and every node sharing the queue
 see the same.  A domain's row is created by its first report, in state
-``unknown``.  `claim` and `park_down` (`backupmx.queue.claims`) read the state
-to leave a dead primary's mail alone.
+``unknown``, by the inserter when the domain's first mail is queued
+(`backupmx.queue.inserter`) or by its first report.  `claim`
+(`backupmx.queue.claims`) reads the state to leave a dead primary's mail alone.
 """
 
 from __future__ import annotations
@@ -73,11 +74,20 @@ class Domains(QueueDatabase):
 
     async def pending_domains(self) -> list[str]:
         """Domains with recipients waiting for delivery (queued or being sent): the
-        ones the probes watch."""
-        query = (
-            select(recipients.c.domain)
-            .where(recipients.c.state.in_([State.QUEUED.value, State.SENDING.value]))
-            .distinct()
+        ones the probes watch.  Every domain with pending mail has a row (the
+        inserter makes it), so this is one index seek per domain, not a scan of
+        what is held."""
+        # A correlated LIMIT 1, not EXISTS: PostgreSQL may turn an EXISTS into a hash
+        # join over every pending row; this stays one index probe per domain.
+        pending = (
+            select(recipients.c.id)
+            .where(
+                recipients.c.state.in_([State.QUEUED.value, State.SENDING.value]),
+                recipients.c.domain == domains.c.name,
+            )
+            .limit(1)
+            .scalar_subquery()
         )
+        query = select(domains.c.name).where(pending.is_not(None)).order_by(domains.c.name)
         async with self.engine.connect() as conn:
-            return sorted((await conn.execute(query)).scalars())
+            return list((await conn.execute(query)).scalars())

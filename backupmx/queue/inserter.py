@@ -3,7 +3,9 @@
 Both writers of new mail use it: the intake process (received messages,
 `backupmx.queue.intake`) and the results writer (DSNs queued with the results
 that caused them, `backupmx.queue.results`).  Every new recipient starts
-``queued`` and due at once.
+``queued`` and due at once, and its domain has a row in ``domains`` from the
+same transaction on (state ``unknown`` if it is new): the delivery loop and the
+probes find pending mail through the domains (`backupmx.queue.claims`).
 
 Theory of operation.  The statements are compiled once per table for the
 writer's dialect and run with the driver's ``executemany``: SQLAlchemy's
@@ -20,11 +22,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import domains, messages, recipients
 from backupmx.queue.records import NewMessage
-from backupmx.queue.state import State
+from backupmx.queue.state import PrimaryState, State
 
 
 def insert_rows(
@@ -59,12 +62,26 @@ def insert_rows(
     return message_rows, recipient_rows
 
 
+def domain_rows(batch: Sequence[NewMessage], now: datetime) -> list[dict[str, Any]]:
+    """A ``domains`` row for each recipient domain of the batch, to insert unless present."""
+    names = sorted({r.domain for m in batch for r in m.recipients})
+    unknown = PrimaryState.UNKNOWN.value
+    return [{"name": n, "state": unknown, "since": now, "updated_at": now} for n in names]
+
+
+def new_domains(dialect: Dialect) -> Any:
+    """INSERT INTO domains … that leaves a domain already known as it is."""
+    dialects = {"sqlite": sqlite, "postgresql": postgresql}
+    return dialects[dialect.name].insert(domains).on_conflict_do_nothing(index_elements=["name"])
+
+
 class Inserter:
     """The inserts, compiled once for one dialect (see the module docstring)."""
 
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
         self._prepared: dict[str, tuple[str, list[str], list[Any]]] = {}
+        self._new_domains = new_domains(dialect)
 
     def insert(self, conn: Connection, batch: Sequence[NewMessage], now: datetime) -> None:
         """New messages, all their recipients queued and due `now`, in `conn`'s transaction."""
@@ -76,6 +93,7 @@ class Inserter:
                     cursor.executemany(*self._parameters(table, rows))
         finally:
             cursor.close()
+        conn.execute(self._new_domains, domain_rows(batch, now))
 
     def _parameters(self, table: Table, rows: list[dict[str, Any]]) -> tuple[str, list[Any]]:
         prepared = self._prepared.get(table.name)

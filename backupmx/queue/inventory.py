@@ -54,12 +54,17 @@ class Inventory(QueueDatabase):
         to the microsecond), each page read on its own along the primary key: a bulk
         action over a queue of millions holds one page, not the queue, and holds no
         read snapshot open for its whole run."""
-        wanted = select(recipients.c.id).where(recipients.c.message_id == messages.c.id)
+        query = select(*_MESSAGE_COLUMNS).order_by(messages.c.id)
         if not include_final:
-            wanted = wanted.where(recipients.c.state.in_(_PENDING))
+            query = query.where(messages.c.finished_at.is_(None))
         if domain:
-            wanted = wanted.where(recipients.c.domain == domain.lower())
-        query = select(*_MESSAGE_COLUMNS).where(wanted.exists()).order_by(messages.c.id)
+            wanted = select(recipients.c.id).where(
+                recipients.c.message_id == messages.c.id,
+                recipients.c.domain == domain.lower(),
+            )
+            if not include_final:
+                wanted = wanted.where(recipients.c.state.in_(_PENDING))
+            query = query.where(wanted.exists())
         after = ""
         while True:
             async with self.engine.connect() as conn:
@@ -82,6 +87,7 @@ class Inventory(QueueDatabase):
             return (await _views(conn, rows))[0]
 
     async def body(self, message_id: str) -> bytes:
+        """The stored message; empty once the message is finished (`MessageView.finished_at`)."""
         async with self.engine.connect() as conn:
             body = (
                 await conn.execute(select(messages.c.body).where(messages.c.id == message_id))
@@ -171,6 +177,7 @@ async def _views(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Messag
             row.dsn_ret,
             row.dsn_envid,
             by_message[row.id],
+            row.finished_at,
         )
         for row in rows
     ]

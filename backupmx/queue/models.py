@@ -1,5 +1,9 @@
 """The queue's tables: one row per message (body included), one per recipient.
 
+A message whose recipients are all final is *finished*: its body is emptied in
+the transaction that records the last result, and its row and recipients stay,
+as a record of what happened, for ``[queue] keep_finished`` (`backupmx.queue.retention`).
+
 The alembic migration in ``alembic/versions`` creates exactly these tables; a
 test compares the two so that they cannot drift.  Times are stored as UTC and
 always come back timezone-aware.
@@ -26,6 +30,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 
@@ -57,7 +62,8 @@ messages = Table(
     metadata,
     Column("id", String(32), primary_key=True),  # the queue id shown to clients
     Column("sender", Text, nullable=False),  # "" for the null sender <>
-    Column("body", LargeBinary, nullable=False),  # our Received: + the message as received
+    # Our Received: + the message as received; empty once the message is finished.
+    Column("body", LargeBinary, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
@@ -74,6 +80,32 @@ messages = Table(
     Column("spam_verdict", String(16)),
     Column("spam_score", Float),
     Column("spam_detail", Text),  # "spamd: GTUBE,NO_RELAYS" — the backend and its rules
+    Column("finished_at", UTCDateTime),  # when its last recipient became final; NULL while pending
+    # Every pending recipient has had its delay warning (recipients.delay_warned).
+    Column("delay_warned", Boolean, nullable=False, server_default=text("false")),
+)
+# The sweeps (expiry, delay warnings) walk pending messages by age: a partial index,
+# so that finished records kept for `keep_finished` cost them nothing.
+Index(
+    "ix_messages_pending",
+    messages.c.received_at,
+    sqlite_where=messages.c.finished_at.is_(None),
+    postgresql_where=messages.c.finished_at.is_(None),
+)
+_unwarned = messages.c.finished_at.is_(None) & (messages.c.delay_warned == false())
+Index(
+    "ix_messages_unwarned",
+    messages.c.received_at,
+    sqlite_where=_unwarned,
+    postgresql_where=_unwarned,
+)
+# The retention sweep; partial, so that no planner takes it for "finished_at IS NULL".
+_finished = messages.c.finished_at.is_not(None)
+Index(
+    "ix_messages_finished",
+    messages.c.finished_at,
+    sqlite_where=_finished,
+    postgresql_where=_finished,
 )
 
 recipients = Table(
@@ -100,9 +132,10 @@ recipients = Table(
     Column("dsn_orcpt", Text),  # RFC 3461 ORCPT, as sent
     Column("updated_at", UTCDateTime, nullable=False),
     Column("delay_warned", Boolean, nullable=False, server_default=false()),  # delay DSN sent
-    Index("ix_recipients_due", "state", "next_attempt_at"),
+    # Due mail is found per domain (`Claims.claim` skips a down domain's mail without
+    # reading it); the same index answers "does this domain have pending mail".
+    Index("ix_recipients_due", "state", "domain", "next_attempt_at"),
     Index("ix_recipients_lease", "state", "lease_until"),
-    Index("ix_recipients_domain", "domain", "state"),
     Index("ix_recipients_message", "message_id"),
     # Finished deliveries feed the recipient-verification cache (Store.learn_recipients).
     Index("ix_recipients_finished", "state", "updated_at"),

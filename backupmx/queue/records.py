@@ -272,6 +272,7 @@ class MessageView:
     ret: str | None
     envid: str | None
     recipients: list[RecipientView]
+    finished_at: datetime | None = None  # all recipients final; the body is gone
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -289,6 +290,7 @@ class MessageView:
             "ret": self.ret,
             "envid": self.envid,
             "recipients": [r.to_json() for r in self.recipients],
+            "finished_at": _iso(self.finished_at) if self.finished_at else None,
         }
 
 

@@ -8,6 +8,8 @@ Promises:
   never bounced without its DSN (docs/queue.md, invariant 2).
 * `sweep` expires or bounces pending recipients, or marks them delay-warned,
   together with their DSNs in one transaction (invariant 2 again).
+* Both finish the messages whose last recipient they made final, in the same
+  transaction (`backupmx.queue.retention.finish`: the body goes).
 
 Theory of operation.  Results of concurrent deliveries share a transaction
 (group commit, `backupmx.queue.writer`, as received mail does in the intake
@@ -31,10 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
 from backupmx.queue.database import QueueDatabase, open_writer_engine
-from backupmx.queue.inserter import Inserter, insert_rows
+from backupmx.queue.inserter import Inserter, domain_rows, insert_rows, new_domains
 from backupmx.queue.models import messages, recipients
 from backupmx.queue.records import NewMessage, Overdue, Result, utcnow
-from backupmx.queue.state import Event, State, sources, target
+from backupmx.queue.retention import finish
+from backupmx.queue.state import FINAL, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
 
 
@@ -73,6 +76,8 @@ def _result_statement(event: Event) -> Any:
         .values(values)
     )
 
+
+_FINISH_CHUNK = 500  # recipient ids per `finish` statement
 
 _RESULT_STATEMENTS = {
     event: _result_statement(event)
@@ -143,6 +148,16 @@ class Results(QueueDatabase):
                 for event, params in _result_params(report, now).items():
                     outcome = conn.execute(_RESULT_STATEMENTS[event], params)
                     report.changed += outcome.rowcount
+            final = [
+                result.recipient_id
+                for report in batch
+                for result in report.results
+                if target(result.event) in FINAL
+            ]
+            for start in range(0, len(final), _FINISH_CHUNK):
+                chunk = final[start : start + _FINISH_CHUNK]
+                of_chunk = select(recipients.c.message_id).where(recipients.c.id.in_(chunk))
+                conn.execute(finish(of_chunk, now))
 
     async def sweep(
         self,
@@ -159,23 +174,40 @@ class Results(QueueDatabase):
         delay-warned; queue their DSNs in the same transaction (invariant 2)."""
         now = now or utcnow()
         states = sources(event) if event else [State.QUEUED.value, State.HELD.value]
+        # The oldest candidate messages first, along a partial index of pending messages
+        # (ix_messages_pending; for warnings ix_messages_unwarned): finished records and
+        # messages already warned are never read again.
+        candidates = (
+            select(messages.c.id, messages.c.received_at)
+            .where(messages.c.finished_at.is_(None))
+            .order_by(messages.c.received_at)
+            .limit(limit)
+        )
+        if event is None:
+            candidates = candidates.where(messages.c.delay_warned == false())
+        if older_than is not None:
+            candidates = candidates.where(messages.c.received_at < older_than)
+        if ids is not None:
+            candidates = candidates.where(messages.c.id.in_(ids))
+        chosen = candidates.subquery("chosen")
         query = (
             select(
                 recipients.c.id.label("recipient_id"), recipients.c.address,
                 recipients.c.dsn_notify, recipients.c.dsn_orcpt, recipients.c.last_error,
                 *OUTBOUND_COLUMNS,
             )
-            .join(messages, messages.c.id == recipients.c.message_id)
-            .where(recipients.c.state.in_(states))
-            .order_by(messages.c.received_at)
+            .select_from(chosen)
+            .join(recipients, recipients.c.message_id == chosen.c.id)
+            .join(messages, messages.c.id == chosen.c.id)
+            # state || '': no index on state for this filter, so that the planner walks
+            # the few chosen messages' recipients (ix_recipients_message) instead of
+            # every recipient in these states.
+            .where((recipients.c.state + "").in_(states))
+            .order_by(chosen.c.received_at)
             .limit(limit)
         )  # fmt: skip
         if event is None:
             query = query.where(recipients.c.delay_warned == false())
-        if older_than is not None:
-            query = query.where(messages.c.received_at < older_than)
-        if ids is not None:
-            query = query.where(messages.c.id.in_(ids))
         async with self.engine.begin() as conn:
             if ids is not None:
                 await self._require(conn, ids)
@@ -203,7 +235,26 @@ class Results(QueueDatabase):
                 .values(updated_at=now, **values)
             )
             await _insert(conn, notices_for(overdue), now)
+            swept = {o.message.id for o in overdue}
+            if event is not None:  # expired and bounced are final
+                await conn.execute(finish(swept, now))
+            else:
+                await conn.execute(_warned(swept))
         return len(overdue)
+
+
+def _warned(message_ids: set[str]) -> Any:
+    """Mark messages warned once none of their pending recipients waits for a warning."""
+    waiting = select(recipients.c.id).where(
+        recipients.c.message_id == messages.c.id,
+        recipients.c.state.in_([State.QUEUED.value, State.HELD.value]),
+        recipients.c.delay_warned == false(),
+    )
+    return (
+        update(messages)
+        .where(messages.c.id.in_(message_ids), ~waiting.exists())
+        .values(delay_warned=True)
+    )
 
 
 async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
@@ -211,3 +262,4 @@ async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datet
         message_rows, recipient_rows = insert_rows(batch, now)
         await conn.execute(insert(messages), message_rows)
         await conn.execute(insert(recipients), recipient_rows)
+        await conn.execute(new_domains(conn.dialect), domain_rows(batch, now))

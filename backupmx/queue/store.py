@@ -9,7 +9,10 @@
 * `backupmx.queue.memory` — the receiver's memory (verification cache,
   greylisting, spam records);
 * `backupmx.queue.admin` — an operator's hold, release, delete;
-* `backupmx.queue.inventory` — what the queue holds, read for people.
+* `backupmx.queue.inventory` — what the queue holds, read for people;
+* `backupmx.queue.retention` — finished messages: their bodies go at once, their
+  records after ``keep_finished``, and the space they took is given back;
+* `backupmx.queue.space` — the database's size and the free space beside it.
 
 The records they take and give are in `backupmx.queue.records`; every state
 change of a recipient is a transition of `backupmx.queue.state`.
@@ -33,9 +36,11 @@ from backupmx.queue.inventory import Inventory
 from backupmx.queue.memory import Memory
 from backupmx.queue.records import NewMessage
 from backupmx.queue.results import Results
+from backupmx.queue.retention import Retention
+from backupmx.queue.space import Space
 
 
-class Store(Claims, Results, Domains, Memory, Admin, Inventory):
+class Store(Claims, Results, Domains, Memory, Admin, Inventory, Retention, Space):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._intake = Intake(url)

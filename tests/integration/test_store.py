@@ -6,43 +6,24 @@ The group-commit writer alone, without a database, is in tests/unit/test_group_c
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
 
 from backupmx.mail.reply import classify
 from backupmx.queue.models import metadata
 from backupmx.queue.records import (
-    NewMessage,
-    NewRecipient,
     Result,
     UnknownMessage,
-    new_queue_id,
     utcnow,
 )
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
-from backupmx.receive.spool import Spool
-
-
-def message(*addresses: str, body: bytes = b"Subject: t\r\n\r\nbody\r\n") -> NewMessage:
-    spool = Spool()
-    spool.write(body)
-    return NewMessage(
-        id=new_queue_id(),
-        sender="s@sender.test",
-        recipients=[
-            NewRecipient(a, a.rpartition("@")[2], "SUCCESS,FAILURE", f"rfc822;{a}")
-            for a in addresses
-        ],
-        body=spool,
-        client_ip="127.0.0.1",
-        client_helo="client.test",
-        protocol="ESMTP",
-        session_id="t",
-    )
+from tests.support.queued import message
 
 
 async def test_enqueue_commits_message_and_all_recipients(store: Store) -> None:
@@ -230,3 +211,20 @@ async def test_a_primarys_reply_with_nul_and_undecodable_bytes_is_recorded(store
         "451 4.3.0 busy",
     ]
     assert refused.status == "5.1.1"
+
+
+async def test_footprint_grows_with_the_queue_and_sees_free_space_only_beside_sqlite(
+    store: Store,
+) -> None:
+    before = await store.footprint()
+    body = base64.b64encode(os.urandom(1_500_000)) + b"\r\n"  # 2 MB that hardly compresses
+    await store.enqueue(message("a@example.test", body=body))
+    after = await store.footprint()
+    assert after.database_bytes >= before.database_bytes + 1_000_000
+    if store.dialect == "postgresql":
+        assert after.free_bytes is None  # the database server's disk, not ours to see
+        async with store.engine.connect() as conn:
+            measured = await conn.scalar(text("SELECT pg_database_size(current_database())"))
+        assert abs(measured - after.database_bytes) < 1024**2
+    else:
+        assert after.free_bytes is not None and after.free_bytes > 0
