@@ -7,15 +7,19 @@ Two kinds of figures:
   `message_answered` (receive, the reply to the end of DATA, with the accept
   latency), `recipient_result` and `message_sent` (deliver), `recipients_expired`
   (the housekeeping sweep), `spam_verdict` (the spam-check hook).
-* State — queue sizes, oldest message, primary up/down per domain.  Only the
-  database knows them (the CLI changes the queue, and several nodes may share it),
-  so they are read from the store at each scrape (`QueueView`), never counted
-  in memory.  A store that cannot be read within ``store_timeout`` leaves them out
-  and sets ``backupmx_store_up 0``.
+* State — queue sizes, oldest message, primary up/down per domain, the database's
+  size and the free space beside it.  Only the database knows them (the CLI
+  changes the queue, and several nodes may share it), so they are read from the
+  store at each scrape (`QueueView`), never counted in memory.  A store that
+  cannot be read within ``store_timeout`` leaves them out and sets
+  ``backupmx_store_up 0``.
 
-Domain labels are the backed-up domains (`follow`); every other destination (the
-senders' domains our DSNs go to) is counted as ``other``, so that the number of
-series stays bounded by the configuration, not by the mail.
+Every label set is bounded by the configuration or by a table here, never by the
+mail: domain labels are the backed-up domains as configured (`follow`; a
+subdomain under a ``.parent`` entry is counted as that entry), and every other
+destination (the senders' domains our DSNs go to) is ``other``; ``reason`` labels
+are enhanced status codes of our own replies; hosts are the deliverer's pacers,
+which it bounds.
 
 ``/healthz`` answers ``200`` when the process runs, the store answers and the
 listener is bound and accepting, ``503`` otherwise, with a JSON body saying which.
@@ -29,8 +33,9 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,12 +51,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 from backupmx.mail.address import RelayDomains
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
 from backupmx.queue.records import DomainState, Stats, utcnow, waiting
+from backupmx.queue.space import Footprint
 from backupmx.queue.state import PrimaryState
 from backupmx.queue.store import Store
 
@@ -165,6 +172,36 @@ LISTENER_UP = Gauge(
     registry=REGISTRY,
 )
 
+
+class FootprintGauges:
+    """``backupmx_queue_database_bytes`` and ``backupmx_queue_filesystem_free_bytes``
+    from the last read of the store.  A collector rather than two `Gauge`s, so that
+    each is absent while unknown: a 0 would read as a full disk (and page someone)."""
+
+    def __init__(self) -> None:
+        self.known: Footprint | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily(
+            "backupmx_queue_database_bytes",
+            "Size of the queue database: SQLite's file and its WAL on disk, "
+            "or PostgreSQL's pg_database_size",
+        )
+        free = GaugeMetricFamily(
+            "backupmx_queue_filesystem_free_bytes",
+            "Bytes free to backupmx on the filesystem of the SQLite queue (absent for PostgreSQL)",
+        )
+        if self.known is not None:
+            size.add_metric([], self.known.database_bytes)
+            if self.known.free_bytes is not None:
+                free.add_metric([], self.known.free_bytes)
+        yield size
+        yield free
+
+
+FOOTPRINT = FootprintGauges()
+REGISTRY.register(FOOTPRINT)
+
 # Enhanced status codes (RFC 3463) of our refusals, as label values.
 _REASONS = {
     "5.3.4": "too_big",
@@ -183,6 +220,7 @@ _REASONS = {
     "5.6.7": "needs_smtputf8",
     "4.5.3": "too_many_recipients",
 }
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # RFC 3463 class.subject.detail
 
 _backed_up = RelayDomains(())
 
@@ -237,17 +275,26 @@ def spam_verdict(action: str) -> None:
 
 
 def reason(reply: str) -> str:
-    """'552 5.3.4 Error: …' -> 'too_big'; an unknown enhanced code is its own label."""
+    """'552 5.3.4 Error: …' -> 'too_big'; an unknown enhanced code is its own label, and a
+    reply without one is labelled by its basic code (the text after it is never a label)."""
     status = reply[4:].split(" ", 1)[0]
-    return _REASONS.get(status, status or reply[:3])
+    if status in _REASONS:
+        return _REASONS[status]
+    return status if _ENHANCED_CODE.fullmatch(status) else reply[:3]
 
 
 def domain_label(domain: str) -> str:
+    """The configured name that backs `domain` up: its exact entry, or for a subdomain
+    its ``.parent`` entry (``x.example.org`` -> ``.example.org``); ``other`` for any
+    other destination.  Bound: the configured names plus ``other``, whatever the mail."""
     try:
         name = normalize_domain(domain)
     except ValueError:
         return OTHER
-    return name if _backed_up.covers(name) else OTHER
+    entry = _backed_up.match(name)
+    if entry is None:
+        return OTHER
+    return "." + normalize_domain(entry[1:]) if entry.startswith(".") else name
 
 
 # --------------------------------------------------------------------------- queue state
@@ -255,14 +302,16 @@ def domain_label(domain: str) -> str:
 
 @dataclass(frozen=True)
 class QueueView:
-    """What the queue database says right now: counts, oldest messages, primaries."""
+    """What the queue database says right now: counts, oldest messages, primaries,
+    and the disk it takes."""
 
     stats: Stats
     states: dict[str, DomainState]
+    footprint: Footprint
 
     @classmethod
     async def read(cls, store: Store) -> QueueView:
-        return cls(await store.stats(), await store.domain_states())
+        return cls(await store.stats(), await store.domain_states(), await store.footprint())
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: queue size and the primaries that are down."""
@@ -302,6 +351,7 @@ class QueueView:
             if known.state in (PrimaryState.UP, PrimaryState.DOWN) and _is_ours(name):
                 PRIMARY_UP.labels(name).set(1 if known.state == PrimaryState.UP else 0)
                 PRIMARY_SINCE.labels(name).set(known.since.timestamp())
+        FOOTPRINT.known = self.footprint
 
 
 def _is_ours(domain: str) -> bool:
@@ -312,6 +362,7 @@ def clear_queue_gauges() -> None:
     QUEUE_MESSAGES.set(0)
     for gauge in (QUEUE_RECIPIENTS, OLDEST_MESSAGE, PRIMARY_UP, PRIMARY_SINCE):
         gauge.clear()
+    FOOTPRINT.known = None
 
 
 async def store_problem(store: Store) -> str | None:

@@ -290,19 +290,13 @@ class LoadResult:
     stderr: str
 
 
-def run_smtp_source(
-    port: int,
-    *,
-    sessions: int,
-    messages: int,
-    size: int,
-    timeout: float,
-    reuse: bool,
-) -> LoadResult:
-    """Send ``messages`` messages of ``size`` body bytes over ``sessions`` sessions."""
-    cmd = [
+def smtp_source_command(
+    port: int, *, sessions: int, messages: int, size: int, reuse: bool
+) -> list[str]:
+    """The ``smtp-source`` command line of `run_smtp_source` (``-c``: a counter per DATA)."""
+    return [
         SMTP_SOURCE,
-        "-c",  # print a counter per completed DATA (parsed below)
+        "-c",  # print a counter per completed DATA (read by _last_count)
         "-s",
         str(sessions),
         "-m",
@@ -318,6 +312,19 @@ def run_smtp_source(
         *(["-d"] if reuse else []),
         f"127.0.0.1:{port}",
     ]
+
+
+def run_smtp_source(
+    port: int,
+    *,
+    sessions: int,
+    messages: int,
+    size: int,
+    timeout: float,
+    reuse: bool,
+) -> LoadResult:
+    """Send ``messages`` messages of ``size`` body bytes over ``sessions`` sessions."""
+    cmd = smtp_source_command(port, sessions=sessions, messages=messages, size=size, reuse=reuse)
     start = time.monotonic()
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,8 +1,9 @@
 """Retention: finished messages, and due mail found per domain.
 
-* ``messages.finished_at``: when the last recipient became final; the body of a
-  finished message is emptied.  Messages already finished are marked so now (their
-  last recipient's update time), and their bodies emptied.
+* ``messages.finished_at``: when the last recipient became final.  Messages
+  already finished are marked so now (their last recipient's update time).
+* ``bodies``: the bodies of pending messages move to a table of their own (those
+  of finished messages are dropped), so that a body takes its pages with it.
 * ``messages.delay_warned``: every pending recipient has had its delay warning.
 * ``ix_messages_pending`` and ``ix_messages_unwarned`` (pending, or not yet
   warned, messages by age; partial) for the sweeps, and ``ix_messages_finished``
@@ -40,14 +41,30 @@ def upgrade() -> None:
         sa.Column("delay_warned", sa.Boolean, nullable=False, server_default=sa.text("false")),
     )
     op.execute(
-        sa.text(
-            "UPDATE messages SET body = :empty, finished_at = COALESCE("
-            " (SELECT MAX(updated_at) FROM recipients WHERE message_id = messages.id),"
-            " received_at)"
-            " WHERE NOT EXISTS (SELECT 1 FROM recipients"
-            f"  WHERE message_id = messages.id AND state IN {PENDING})"
-        ).bindparams(empty=b"")
+        "UPDATE messages SET finished_at = COALESCE("
+        " (SELECT MAX(updated_at) FROM recipients WHERE message_id = messages.id),"
+        " received_at)"
+        " WHERE NOT EXISTS (SELECT 1 FROM recipients"
+        f"  WHERE message_id = messages.id AND state IN {PENDING})"
     )
+    op.create_table(
+        "bodies",
+        sa.Column(
+            "message_id",
+            sa.String(32),
+            sa.ForeignKey("messages.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+    )
+    op.execute(
+        "INSERT INTO bodies (message_id, body)"
+        " SELECT id, body FROM messages WHERE finished_at IS NULL"
+    )
+    # ALTER TABLE … DROP COLUMN (SQLite 3.35 and later) rewrites the rows in place; a
+    # batch would rebuild the table, and dropping the old one would cascade to every
+    # recipient.
+    op.drop_column("messages", "body")
     # The conditions as SQLAlchemy writes them in queries (SQLite matches a partial
     # index only to a query term written the same way: "= 0", not "= false").
     finished_at, warned = sa.column("finished_at"), sa.column("delay_warned")
@@ -86,5 +103,12 @@ def downgrade() -> None:
     op.drop_index("ix_messages_finished", "messages")
     op.drop_index("ix_messages_unwarned", "messages")
     op.drop_index("ix_messages_pending", "messages")
-    # The columns stay: removing them on SQLite would rebuild ``messages``, whose drop
-    # cascades to the recipients.  The code of 0003 ignores them.
+    # The new columns stay (removing them on SQLite would rebuild ``messages``, whose
+    # drop cascades to the recipients; the code of 0003 ignores them), and the bodies
+    # of finished messages are gone for good.
+    op.add_column("messages", sa.Column("body", sa.LargeBinary, nullable=False, server_default=""))
+    op.execute(
+        "UPDATE messages SET body = (SELECT body FROM bodies WHERE message_id = messages.id)"
+        " WHERE id IN (SELECT message_id FROM bodies)"
+    )
+    op.drop_table("bodies")

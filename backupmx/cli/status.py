@@ -1,10 +1,12 @@
 """``backupmx status``: one screen for the person on call.
 
 Whether the server answers (its ``/healthz`` on ``[metrics] listen``), where it
-listens, which database it uses, the queue's totals by state, each domain's
-primary (up or down, since when), its oldest message and its next probe, and a
-bar chart of how long the pending messages have waited (qshape's question:
-"is this a burst, or has it been piling up for days?").
+listens, which database it uses, the disk it takes and what is free beside it (for
+SQLite: a PostgreSQL server's disk is watched where that server runs), the
+queue's totals by state, each domain's primary (up or down, since when), its
+oldest message and its next probe, and a bar chart of how long the pending
+messages have waited (qshape's question: "is this a burst, or has it been piling
+up for days?").
 
 Everything comes from the configuration and the queue database, so the command
 works on any node sharing the queue and while the server is stopped; ``--json``
@@ -119,6 +121,24 @@ def bar_chart(rows: Sequence[tuple[str, int]], mark: str = "#") -> str:
     return "\n".join(lines)
 
 
+def space_line(used: int, free: int | None) -> str:
+    """The disk line: what the queue takes, and what is free beside it when we can see it."""
+    text = f"{_size(used)} used by the queue"
+    return text + (f", {_size(free)} free beside it" if free is not None else "")
+
+
+def _size(count: int) -> str:
+    """Bytes for people, in powers of 1024: 512 B, 1.5 MiB, 20.0 GiB."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
 def server_health(listen: str) -> dict[str, Any] | None:
     """The running server's /healthz body (200 or 503), or None if nothing answers."""
     if not listen:
@@ -149,6 +169,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         states = await store.domain_states()
         bounds = [timedelta(seconds=upper) for _, upper in AGE_BUCKETS[:-1]]
         ages = await store.pending_ages(bounds, now)
+        footprint = await store.footprint()
     finally:
         await store.close()
     facts = {
@@ -158,6 +179,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         "metrics": config.metrics.listen or None,
         "database": safe_url(config.database),
         "schema_revision": revision,
+        "database_bytes": footprint.database_bytes,
+        "filesystem_free_bytes": footprint.free_bytes,
         "queue": stats.to_json(),
         "domains": [line.to_json() for line in domain_lines(config, states, stats, now)],
         "age_histogram": [
@@ -178,6 +201,7 @@ def render(facts: dict[str, Any], now: datetime) -> str:
         f"server     {_describe_server(facts['server'], facts['metrics'])}",
         f"listen     {', '.join(facts['listen'])}",
         f"database   {facts['database']} (schema {facts['schema_revision'] or 'none'})",
+        f"disk       {space_line(facts['database_bytes'], facts['filesystem_free_bytes'])}",
         f"queue      {queue['messages']} message(s); recipients: "
         + ", ".join(f"{state} {count}" for state, count in totals.items()),
         "oldest     " + (f"{_stamp(oldest)} ({_age(oldest, now)} ago)" if oldest else "-"),

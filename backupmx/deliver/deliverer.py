@@ -282,7 +282,10 @@ class Deliverer:
             for t, connection in connections:
                 if now - t >= IDLE_CONNECTION_SECONDS:
                     await connection.close()
-            self._idle[where] = keep
+            if keep:
+                self._idle[where] = keep
+            else:  # one entry per host in use, not per host ever used (DSNs go anywhere)
+                del self._idle[where]
 
     # ------------------------------------------------------------------ results
 

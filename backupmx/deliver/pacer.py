@@ -8,6 +8,10 @@ never exceeds ``max_connections_per_host``, so a primary that just came back
 sees a ramp, not a stampede of every held message at once.  A token bucket caps
 messages per second (0: no cap).
 
+A pacer lives while its host is in use, and afterwards among the `MAX_PACED_HOSTS`
+most recently used; an older idle one is forgotten, and its host starts again from
+the initial window, as a host never seen.
+
 Everything here runs on the event loop; nothing blocks.
 """
 
@@ -22,6 +26,12 @@ import structlog
 
 log = structlog.get_logger("backupmx.deliver")
 
+# Pacers kept, at most, beyond those of hosts with a delivery in progress.  DSNs go to
+# the senders' MX hosts, so the hosts seen grow with the mail; a window learned from a
+# host that a thousand others have been used after is stale anyway (Postfix's qmgr
+# drops a destination's queue once it is empty).
+MAX_PACED_HOSTS = 1000
+
 
 class HostPacer:
     def __init__(self, host: str, initial: int, maximum: int, rate: int) -> None:
@@ -29,6 +39,7 @@ class HostPacer:
         self.maximum = max(maximum, 1)
         self.window = float(min(max(initial, 1), self.maximum))
         self.active = 0
+        self.users = 0  # deliveries holding or waiting for a slot: not to be forgotten
         self.rate = rate
         self._tokens = float(rate)
         self._refilled = time.monotonic()
@@ -41,17 +52,21 @@ class HostPacer:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the host's connection slots."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.active < self.limit)
-            self.active += 1
+        self.users += 1
         try:
-            yield
-        finally:
             async with self._changed:
-                self.active -= 1
-                # Wake only as many waiters as there are free slots: with thousands of
-                # messages waiting, notify_all cost most of a flush's CPU.
-                self._changed.notify(self.limit - self.active)
+                await self._changed.wait_for(lambda: self.active < self.limit)
+                self.active += 1
+            try:
+                yield
+            finally:
+                async with self._changed:
+                    self.active -= 1
+                    # Wake only as many waiters as there are free slots: with thousands of
+                    # messages waiting, notify_all cost most of a flush's CPU.
+                    self._changed.notify(self.limit - self.active)
+        finally:
+            self.users -= 1
 
     async def message_token(self) -> None:
         """Wait until the rate cap allows one more message to this host."""
@@ -86,17 +101,32 @@ class HostPacer:
 
 
 class Pacers:
-    """One `HostPacer` per primary host address, created on first use."""
+    """One `HostPacer` per primary host address, created on first use; at most
+    `MAX_PACED_HOSTS` of them, and those of the hosts in use."""
 
     def __init__(self, initial: int, maximum: int, rate: int) -> None:
         self._settings = (initial, maximum, rate)
-        self._by_host: dict[str, HostPacer] = {}
+        self._by_host: dict[str, HostPacer] = {}  # least recently used first
 
     def __getitem__(self, host: str) -> HostPacer:
-        pacer = self._by_host.get(host)
+        pacer = self._by_host.pop(host, None)
         if pacer is None:
-            pacer = self._by_host[host] = HostPacer(host, *self._settings)
+            self._forget_idle()
+            pacer = HostPacer(host, *self._settings)
+        self._by_host[host] = pacer
         return pacer
+
+    def _forget_idle(self) -> None:
+        """Make room for one more pacer: the least recently used idle ones go."""
+        excess = len(self._by_host) + 1 - MAX_PACED_HOSTS
+        idle: list[str] = []
+        for host, pacer in self._by_host.items():
+            if len(idle) >= excess:
+                break
+            if pacer.users == 0:
+                idle.append(host)
+        for host in idle:
+            del self._by_host[host]
 
     def windows(self) -> dict[str, float]:
         return {host: p.window for host, p in self._by_host.items()}

@@ -21,6 +21,11 @@ record, so the deliverer's views of a domain cannot disagree.
 
 Routes are cached for `ROUTE_TTL` seconds so that a flush of thousands of
 messages does not ask DNS thousands of times.
+
+What this process remembers stays bounded while the destinations grow with the
+mail (our DSNs go to every sender's domain): routes past `ROUTE_TTL` are dropped,
+and at most `MAX_ROUTES` routes and `MAX_KNOWN_DOMAINS` records are kept, the
+least recently written going first.
 """
 
 from __future__ import annotations
@@ -53,6 +58,16 @@ ROUTE_TTL = 30.0
 # Not a setting: a change of state is always written at once; this only bounds
 # how stale the ``updated_at``, route and reason of an unchanged state can be.
 STATE_REFRESH = 10.0
+# Routes kept at most, however many domains a flush of DSNs reaches within ROUTE_TTL;
+# a route dropped early is only asked of DNS again.
+MAX_ROUTES = 10_000
+# Domain records (`Primary`) kept at most, beyond those of domains with
+# on_primary_5xx = "hold" (backed-up domains, as few as the configuration names),
+# whose hold window needs `up_since`.  Forgetting any other record costs one more
+# write of the domain's state, and lets messages of it claimed before a failure
+# knock on its host instead of waiting at once (the store hands out no more of a
+# domain marked down); that takes ten thousand other domains written while it waits.
+MAX_KNOWN_DOMAINS = 10_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ class Primaries:
         self.helo = helo
         self.timeouts = timeouts
         self.on_up: Callable[[str], None] = lambda domain: None  # the deliverer's wake-up
+        # Both least recently written first, and bounded (see the module docstring).
         self._routes: dict[str, tuple[float, Route]] = {}
         self._known: dict[str, Primary] = {}
         self._rng = random.Random()
@@ -122,7 +138,14 @@ class Primaries:
             self.port,
             self._rng,
         )
-        self._routes[domain] = (time.monotonic(), result)
+        now = time.monotonic()
+        self._routes.pop(domain, None)
+        self._routes[domain] = (now, result)
+        while (
+            len(self._routes) > MAX_ROUTES
+            or now - next(iter(self._routes.values()))[0] >= ROUTE_TTL
+        ):
+            del self._routes[next(iter(self._routes))]
         return result
 
     def hops(self, route: RoutePlan) -> list[Hop]:
@@ -158,10 +181,10 @@ class Primaries:
         event = PrimaryEvent.ANSWERED if up else PrimaryEvent.UNREACHABLE
         state = next_primary_state(known.written or PrimaryState.UNKNOWN, event)
         if known.written == state and time.monotonic() - known.written_at < STATE_REFRESH:
-            self._known[domain] = replace(known, failed=failed)
+            self._remember(domain, replace(known, failed=failed))
             return
-        self._known[domain] = replace(
-            known, written=state, written_at=time.monotonic(), failed=failed
+        self._remember(
+            domain, replace(known, written=state, written_at=time.monotonic(), failed=failed)
         )
         changed = await self.store.set_domain_state(
             domain,
@@ -171,7 +194,7 @@ class Primaries:
         )
         if changed:
             up_since = utcnow() if up else None
-            self._known[domain] = replace(self._primary(domain), up_since=up_since)
+            self._remember(domain, replace(self._primary(domain), up_since=up_since))
             if up:
                 released = await self.store.make_due(domain=domain)
                 log.info("primary_up", domain=domain, released=released, detail=detail)
@@ -187,7 +210,7 @@ class Primaries:
         known = self._primary(domain)
         if known.written is PrimaryState.DOWN:
             retried = next_primary_state(known.written, PrimaryEvent.RETRY)
-            self._known[domain] = replace(known, written=retried)
+            self._remember(domain, replace(known, written=retried))
 
     def down_since(self, domain: str) -> tuple[float, str] | None:
         """When (monotonic) and why this process last saw the domain fail, if it is down."""
@@ -195,6 +218,21 @@ class Primaries:
 
     def _primary(self, domain: str) -> Primary:
         return self._known.get(domain, Primary())
+
+    def _remember(self, domain: str, record: Primary) -> None:
+        """Keep `record` as the most recent; past MAX_KNOWN_DOMAINS, forget the least
+        recently written records that no hold window needs."""
+        self._known.pop(domain, None)
+        self._known[domain] = record
+        excess = len(self._known) - MAX_KNOWN_DOMAINS
+        forgotten: list[str] = []
+        for name in self._known:
+            if len(forgotten) >= excess:
+                break
+            if self.policies(name).on_primary_5xx != "hold":
+                forgotten.append(name)
+        for name in forgotten:
+            del self._known[name]
 
     async def probe_all(self) -> None:
         """The scheduled job: start a probe for every domain with queued mail that has

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, update
 
 from backupmx.queue.database import QueueDatabase
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import bodies, messages, recipients
 from backupmx.queue.records import utcnow
 from backupmx.queue.state import Event, sources, target
 
@@ -34,6 +34,7 @@ class Admin(QueueDatabase):
         async with self.engine.begin() as conn:
             await self._require(conn, ids)
             await conn.execute(delete(recipients).where(recipients.c.message_id.in_(ids)))
+            await conn.execute(delete(bodies).where(bodies.c.message_id.in_(ids)))
             outcome = await conn.execute(delete(messages).where(messages.c.id.in_(ids)))
         return outcome.rowcount
 

@@ -28,7 +28,7 @@ from sqlalchemy import select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
-from backupmx.queue.models import domains, messages, recipients
+from backupmx.queue.models import bodies, domains, messages, recipients
 from backupmx.queue.records import Claim, Outbound, utcnow
 from backupmx.queue.state import (
     Event,
@@ -42,9 +42,11 @@ from backupmx.queue.state import (
 )
 
 OUTBOUND_COLUMNS = [
-    messages.c.id, messages.c.sender, messages.c.body, messages.c.size, messages.c.body_type,
+    messages.c.id, messages.c.sender, bodies.c.body, messages.c.size, messages.c.body_type,
     messages.c.smtputf8, messages.c.dsn_ret, messages.c.dsn_envid, messages.c.received_at,
 ]  # fmt: skip
+# A finished message has no body any more, and nothing left to send.
+WITH_BODY = messages.join(bodies, bodies.c.message_id == messages.c.id)
 
 
 def outbound_record(row: Any) -> Outbound:
@@ -129,7 +131,7 @@ class Claims(QueueDatabase):
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
     async def outbound(self, ids: Iterable[str]) -> dict[str, Outbound]:
-        query = select(*OUTBOUND_COLUMNS).where(messages.c.id.in_(list(ids)))
+        query = select(*OUTBOUND_COLUMNS).select_from(WITH_BODY).where(messages.c.id.in_(list(ids)))
         async with self.engine.connect() as conn:
             return {row.id: outbound_record(row) for row in await conn.execute(query)}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,19 +26,30 @@ from sqlalchemy import Table, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 
-from backupmx.queue.models import domains, messages, recipients
+from backupmx.queue.models import bodies, domains, messages, recipients
 from backupmx.queue.records import NewMessage
 from backupmx.queue.state import PrimaryState, State
 
 
-def insert_rows(
-    batch: Sequence[NewMessage], now: datetime
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Insert rows for new messages and their recipients (all queued, due now)."""
-    bodies = [m.body.read() for m in batch]
+@dataclass(frozen=True)
+class Rows:
+    """Insert rows for new messages, their bodies and their recipients (queued, due now)."""
+
+    messages: list[dict[str, Any]]
+    bodies: list[dict[str, Any]]
+    recipients: list[dict[str, Any]]
+
+    def by_table(self) -> list[tuple[Table, list[dict[str, Any]]]]:
+        """In the order the foreign keys want them."""
+        return [(messages, self.messages), (bodies, self.bodies), (recipients, self.recipients)]
+
+
+def insert_rows(batch: Sequence[NewMessage], now: datetime) -> Rows:
+    """Insert rows for new messages, their bodies and their recipients (queued, due now)."""
+    contents = [m.body.read() for m in batch]
     message_rows = [
         {
-            "id": m.id, "sender": m.sender, "body": body, "size": len(body),
+            "id": m.id, "sender": m.sender, "size": len(body),
             "sha256": hashlib.sha256(body).hexdigest(), "received_at": m.received_at,
             "client_ip": m.client_ip,
             "client_helo": m.client_helo, "protocol": m.protocol, "tls": m.tls,
@@ -46,8 +58,11 @@ def insert_rows(
             "spam_verdict": m.spam_verdict, "spam_score": m.spam_score,
             "spam_detail": m.spam_detail,
         }
-        for m, body in zip(batch, bodies, strict=True)
+        for m, body in zip(batch, contents, strict=True)
     ]  # fmt: skip
+    body_rows = [
+        {"message_id": m.id, "body": body} for m, body in zip(batch, contents, strict=True)
+    ]
     recipient_rows = [
         {
             "message_id": m.id, "address": r.address, "domain": r.domain,
@@ -59,7 +74,7 @@ def insert_rows(
         for m in batch
         for r in m.recipients
     ]  # fmt: skip
-    return message_rows, recipient_rows
+    return Rows(message_rows, body_rows, recipient_rows)
 
 
 def domain_rows(batch: Sequence[NewMessage], now: datetime) -> list[dict[str, Any]]:
@@ -85,10 +100,9 @@ class Inserter:
 
     def insert(self, conn: Connection, batch: Sequence[NewMessage], now: datetime) -> None:
         """New messages, all their recipients queued and due `now`, in `conn`'s transaction."""
-        message_rows, recipient_rows = insert_rows(batch, now)
         cursor = conn.connection.cursor()
         try:
-            for table, rows in ((messages, message_rows), (recipients, recipient_rows)):
+            for table, rows in insert_rows(batch, now).by_table():
                 if rows:
                     cursor.executemany(*self._parameters(table, rows))
         finally:

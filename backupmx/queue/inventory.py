@@ -9,7 +9,8 @@ Promises: a listing of millions of messages is read a page at a time along the
 primary key, each page on its own connection, so it holds neither the queue in
 memory nor a read snapshot open for its whole run; counts are grouped queries,
 so the status screen stays quick during a long outage.  Unknown queue ids
-raise `UnknownMessage`.
+raise `UnknownMessage`.  Finished messages (all recipients final, body removed)
+are listed only with ``include_final``, until ``keep_finished`` removes them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import bodies, domains, messages, recipients
 from backupmx.queue.records import (
     DomainStats,
     MessageView,
@@ -33,9 +34,9 @@ from backupmx.queue.records import (
     oldest_first,
     utcnow,
 )
-from backupmx.queue.state import PENDING, State
+from backupmx.queue.state import PENDING, PrimaryState, State
 
-_MESSAGE_COLUMNS = [c for c in messages.c if c.name != "body"]
+_MESSAGE_COLUMNS = list(messages.c)
 _PENDING = sorted(PENDING)
 
 
@@ -88,13 +89,16 @@ class Inventory(QueueDatabase):
 
     async def body(self, message_id: str) -> bytes:
         """The stored message; empty once the message is finished (`MessageView.finished_at`)."""
+        query = (
+            select(messages.c.id, bodies.c.body)
+            .select_from(messages.outerjoin(bodies, bodies.c.message_id == messages.c.id))
+            .where(messages.c.id == message_id)
+        )
         async with self.engine.connect() as conn:
-            body = (
-                await conn.execute(select(messages.c.body).where(messages.c.id == message_id))
-            ).scalar()
-        if body is None:
+            row = (await conn.execute(query)).first()
+        if row is None:
             raise UnknownMessage([message_id])
-        return bytes(body)
+        return bytes(row.body or b"")
 
     async def stats(self) -> Stats:
         per_domain = (
@@ -149,16 +153,22 @@ class Inventory(QueueDatabase):
 async def _views(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[MessageView]:
     by_message: dict[str, list[RecipientView]] = {row.id: [] for row in rows}
     ids = list(by_message)
+    # Mail never tried because its primary is down says why it waits: the domain's reason.
+    down = select(domains.c.name, domains.c.reason).where(domains.c.state == PrimaryState.DOWN)
+    waiting = {name: reason for name, reason in await conn.execute(down)}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         result = await conn.execute(
             select(recipients).where(recipients.c.message_id.in_(chunk)).order_by(recipients.c.id)
         )
         for r in result:
+            last_error = r.last_error
+            if last_error is None and r.state == State.QUEUED:
+                last_error = waiting.get(r.domain)
             by_message[r.message_id].append(
                 RecipientView(
                     r.id, r.address, r.domain, r.state, r.attempts, r.next_attempt_at,
-                    r.last_error, r.dsn_notify, r.dsn_orcpt,
+                    last_error, r.dsn_notify, r.dsn_orcpt,
                 )
             )  # fmt: skip
     return [

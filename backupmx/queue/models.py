@@ -1,8 +1,11 @@
-"""The queue's tables: one row per message (body included), one per recipient.
+"""The queue's tables: one row per message, one per body, one per recipient.
 
-A message whose recipients are all final is *finished*: its body is emptied in
+A message whose recipients are all final is *finished*: its body is deleted in
 the transaction that records the last result, and its row and recipients stay,
 as a record of what happened, for ``[queue] keep_finished`` (`backupmx.queue.retention`).
+The body has a table of its own so that it takes its pages with it: a 10 KiB
+row keeps part of itself on its B-tree leaf page, which emptying the column in
+place would leave almost empty for as long as the record is kept.
 
 The alembic migration in ``alembic/versions`` creates exactly these tables; a
 test compares the two so that they cannot drift.  Times are stored as UTC and
@@ -62,8 +65,6 @@ messages = Table(
     metadata,
     Column("id", String(32), primary_key=True),  # the queue id shown to clients
     Column("sender", Text, nullable=False),  # "" for the null sender <>
-    # Our Received: + the message as received; empty once the message is finished.
-    Column("body", LargeBinary, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
@@ -84,29 +85,34 @@ messages = Table(
     # Every pending recipient has had its delay warning (recipients.delay_warned).
     Column("delay_warned", Boolean, nullable=False, server_default=text("false")),
 )
-# The sweeps (expiry, delay warnings) walk pending messages by age: a partial index,
-# so that finished records kept for `keep_finished` cost them nothing.
-Index(
-    "ix_messages_pending",
-    messages.c.received_at,
-    sqlite_where=messages.c.finished_at.is_(None),
-    postgresql_where=messages.c.finished_at.is_(None),
+# Our Received: + the message as received, while the message is pending.
+bodies = Table(
+    "bodies",
+    metadata,
+    Column(
+        "message_id",
+        String(32),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("body", LargeBinary, nullable=False),
 )
-_unwarned = messages.c.finished_at.is_(None) & (messages.c.delay_warned == false())
-Index(
-    "ix_messages_unwarned",
-    messages.c.received_at,
-    sqlite_where=_unwarned,
-    postgresql_where=_unwarned,
+
+
+def _partial(name: str, column: Column[Any], where: Any) -> Index:
+    """An index of the rows that match `where`, on both backends."""
+    return Index(name, column, sqlite_where=where, postgresql_where=where)
+
+
+# The sweeps (expiry, delay warnings) walk pending messages by age: partial indexes,
+# so that finished records kept for `keep_finished` cost them nothing.
+_pending = messages.c.finished_at.is_(None)
+_partial("ix_messages_pending", messages.c.received_at, _pending)
+_partial(
+    "ix_messages_unwarned", messages.c.received_at, _pending & (messages.c.delay_warned == false())
 )
 # The retention sweep; partial, so that no planner takes it for "finished_at IS NULL".
-_finished = messages.c.finished_at.is_not(None)
-Index(
-    "ix_messages_finished",
-    messages.c.finished_at,
-    sqlite_where=_finished,
-    postgresql_where=_finished,
-)
+_partial("ix_messages_finished", messages.c.finished_at, messages.c.finished_at.is_not(None))
 
 recipients = Table(
     "recipients",

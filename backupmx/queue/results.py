@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
 from backupmx.queue.database import QueueDatabase, open_writer_engine
 from backupmx.queue.inserter import Inserter, domain_rows, insert_rows, new_domains
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import bodies, messages, recipients
 from backupmx.queue.records import NewMessage, Overdue, Result, utcnow
 from backupmx.queue.retention import finish
 from backupmx.queue.state import FINAL, Event, State, sources, target
@@ -157,7 +157,8 @@ class Results(QueueDatabase):
             for start in range(0, len(final), _FINISH_CHUNK):
                 chunk = final[start : start + _FINISH_CHUNK]
                 of_chunk = select(recipients.c.message_id).where(recipients.c.id.in_(chunk))
-                conn.execute(finish(of_chunk, now))
+                for statement in finish(of_chunk, now):
+                    conn.execute(statement)
 
     async def sweep(
         self,
@@ -199,6 +200,7 @@ class Results(QueueDatabase):
             .select_from(chosen)
             .join(recipients, recipients.c.message_id == chosen.c.id)
             .join(messages, messages.c.id == chosen.c.id)
+            .join(bodies, bodies.c.message_id == chosen.c.id)
             # state || '': no index on state for this filter, so that the planner walks
             # the few chosen messages' recipients (ix_recipients_message) instead of
             # every recipient in these states.
@@ -237,7 +239,8 @@ class Results(QueueDatabase):
             await _insert(conn, notices_for(overdue), now)
             swept = {o.message.id for o in overdue}
             if event is not None:  # expired and bounced are final
-                await conn.execute(finish(swept, now))
+                for statement in finish(swept, now):
+                    await conn.execute(statement)
             else:
                 await conn.execute(_warned(swept))
         return len(overdue)
@@ -259,7 +262,6 @@ def _warned(message_ids: set[str]) -> Any:
 
 async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
     if batch:
-        message_rows, recipient_rows = insert_rows(batch, now)
-        await conn.execute(insert(messages), message_rows)
-        await conn.execute(insert(recipients), recipient_rows)
+        for table, rows in insert_rows(batch, now).by_table():
+            await conn.execute(insert(table), rows)
         await conn.execute(new_domains(conn.dialect), domain_rows(batch, now))

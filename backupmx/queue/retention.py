@@ -5,7 +5,7 @@ delivered, bounced or expired; docs/queue.md, invariant 9).
 
 Promises:
 
-* `finish` is the one statement that marks messages finished and empties their
+* `finish` is the one place that marks messages finished and deletes their
   bodies.  It runs in the transaction that makes a message's last recipient
   final, the one that also queues the DSN for it (`backupmx.queue.results`:
   delivery results, expiry and an operator's bounce), so the queue's size tracks
@@ -35,10 +35,10 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql import Executable
 
 from backupmx.queue.database import SQLITE_BUSY_TIMEOUT_MS, QueueDatabase
-from backupmx.queue.models import messages, recipients
+from backupmx.queue.models import bodies, messages, recipients
 from backupmx.queue.state import PENDING
 
 FORGET_BATCH = 500
@@ -46,17 +46,22 @@ VACUUM_PAGES = 2048  # 8 MiB of 4 KiB pages per transaction
 SLACK_BYTES = 64 * 1024**2  # free pages kept for the next mail instead of given back
 
 
-def finish(message_ids: Any, now: datetime) -> Update:
-    """Mark the messages `message_ids` (a list, or a SELECT of ids) finished at `now`
-    and empty their bodies, if none of their recipients is pending any more."""
+def finish(message_ids: Any, now: datetime) -> list[Executable]:
+    """Mark the messages `message_ids` (a list, or a SELECT of ids) finished at `now` if
+    none of their recipients is pending any more, and delete the bodies of those: the
+    statements, in order, for the caller's transaction."""
     pending = select(recipients.c.id).where(
         recipients.c.message_id == messages.c.id, recipients.c.state.in_(sorted(PENDING))
     )
-    return (
+    finished = select(messages.c.id).where(
+        messages.c.id.in_(message_ids), messages.c.finished_at.is_not(None)
+    )
+    return [
         update(messages)
         .where(messages.c.id.in_(message_ids), messages.c.finished_at.is_(None), ~pending.exists())
-        .values(body=b"", finished_at=now)
-    )
+        .values(finished_at=now),
+        delete(bodies).where(bodies.c.message_id.in_(finished)),
+    ]
 
 
 class Retention(QueueDatabase):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,10 +47,14 @@ from backupmx.receive.recipients import Status, Verifier, check_recipient, reply
 log = structlog.get_logger("backupmx.receive")
 
 RATE_WINDOW = 60.0  # the limits are "per minute"
-MAX_TRACKED_CLIENTS = 100_000  # past this, idle buckets are forgotten
+# Buckets kept at most, (kind, client IP) each: about 30 MB.  A bucket untouched for
+# RATE_WINDOW is full again and is dropped at once; past this bound the longest
+# untouched goes too, so a flood from more addresses than this in a minute (IPv6
+# makes that cheap) resets the oldest counts rather than growing the process.
+MAX_TRACKED_CLIENTS = 100_000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated: float
@@ -64,18 +69,27 @@ class ClientRates:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        # Least recently touched first (each take moves its bucket to the end), so
+        # the idle ones are found at the front.  At most MAX_TRACKED_CLIENTS.
+        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, kind: str, client_ip: str, limit: int, count: int = 1) -> bool:
         """Count `count` events; False (and nothing counted) if that goes past `limit`."""
         if limit <= 0:
             return True
         now = self._clock()
-        bucket = self._buckets.get((kind, client_ip))
+        self._forget_idle(now)
+        key = (kind, client_ip)
+        bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_TRACKED_CLIENTS:
-                self._forget_idle(now)
-            bucket = self._buckets[(kind, client_ip)] = _Bucket(float(limit), now)
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = _Bucket(float(limit), now)
+        else:
+            self._buckets.move_to_end(key)
         bucket.tokens = min(
             float(limit), bucket.tokens + (now - bucket.updated) * limit / RATE_WINDOW
         )
@@ -87,9 +101,11 @@ class ClientRates:
 
     def _forget_idle(self, now: float) -> None:
         """A bucket untouched for a whole window is full again: it carries no state."""
-        idle = [key for key, b in self._buckets.items() if now - b.updated >= RATE_WINDOW]
-        for key in idle:
-            del self._buckets[key]
+        while self._buckets:
+            oldest = next(iter(self._buckets.values()))
+            if now - oldest.updated < RATE_WINDOW:
+                return
+            self._buckets.popitem(last=False)
 
 
 class ClientChecks:

@@ -23,7 +23,10 @@ Promises:
   one per address however many sessions ask, each bounded by ``verify_timeout``;
   a session waits for its answer at most ``verify_wait`` and then answers 450
   while the callout goes on to fill the cache.  A domain whose primary did not
-  answer gets no callout for ``verify_retry``.
+  answer gets no callout for ``verify_retry``.  Memory stays bounded whatever the
+  senders try: at most `MAX_PENDING_CALLOUTS` callouts are started and unfinished
+  (past that a new address is unverified at once), and at most
+  `MAX_QUIET_DOMAINS` silent domains are remembered.
 * Cache or callout failures never answer 5xx: they are "unverified".
 """
 
@@ -51,6 +54,16 @@ from backupmx.queue.store import Store
 log = structlog.get_logger("backupmx.receive")
 
 LIST_STAT_INTERVAL = 1.0  # a list file's mtime is looked at no more than once a second
+# Callouts started and not finished, at most (one per address; max_callouts of them
+# talk, the rest wait for a slot).  Past this a new address is "unverified" (450)
+# without a callout: at the defaults (10 at a time, up to 30s each) the last of a
+# thousand waits 50 minutes for its turn, long after the session that asked.
+MAX_PENDING_CALLOUTS = 1000
+# Domains remembered as silent (no callout for verify_retry), at most.  Under a
+# ``.parent`` entry the subdomains are many; an entry past verify_retry is dropped
+# at the next failure, and past this bound the oldest goes (its domain merely gets
+# a callout a little earlier).
+MAX_QUIET_DOMAINS = 10_000
 
 
 class Status(StrEnum):
@@ -189,8 +202,9 @@ class Verifier:
     def __init__(self, store: Store, callout: Callout) -> None:
         self.store = store
         self.callout = callout
-        self._inflight: dict[str, asyncio.Task[Status]] = {}
-        self._quiet_until: dict[str, float] = {}  # domain -> monotonic time
+        self._inflight: dict[str, asyncio.Task[Status]] = {}  # MAX_PENDING_CALLOUTS
+        # domain -> monotonic time, in the order written (at most MAX_QUIET_DOMAINS)
+        self._quiet_until: dict[str, float] = {}
         self._slots: asyncio.Semaphore | None = None
         self._slot_count = 0
 
@@ -208,6 +222,9 @@ class Verifier:
             return Status.UNVERIFIED
         task = self._inflight.get(key)
         if task is None:
+            if len(self._inflight) >= MAX_PENDING_CALLOUTS:
+                log.info("callout_slow", recipient=key, pending=len(self._inflight))
+                return Status.UNVERIFIED
             task = asyncio.get_running_loop().create_task(
                 self._verify(domain, key, settings), name=f"callout {key}"
             )
@@ -240,7 +257,7 @@ class Verifier:
         )
         if answer.code // 100 not in (2, 5):
             if answer.code == 0:
-                self._quiet_until[domain] = time.monotonic() + settings.verify_retry
+                self._quiet(domain, time.monotonic() + settings.verify_retry)
             return Status.UNVERIFIED
         self._quiet_until.pop(domain, None)
         valid = answer.code // 100 == 2
@@ -254,6 +271,18 @@ class Verifier:
         except Exception as error:  # the answer stands; only the cache missed it
             log.error("verify_cache_write_failed", recipient=key, error=str(error))
         return Status.VALID if valid else Status.UNKNOWN
+
+    def _quiet(self, domain: str, until: float) -> None:
+        """No callouts to `domain` before `until`; the entries that have run out, and
+        past MAX_QUIET_DOMAINS the oldest, are forgotten (the dict keeps write order)."""
+        self._quiet_until.pop(domain, None)
+        self._quiet_until[domain] = until
+        now = time.monotonic()
+        while self._quiet_until:
+            oldest, ends = next(iter(self._quiet_until.items()))
+            if ends > now and len(self._quiet_until) <= MAX_QUIET_DOMAINS:
+                return
+            del self._quiet_until[oldest]
 
     def _semaphore(self, count: int) -> asyncio.Semaphore:
         """One semaphore, re-made when a reload changes max_callouts."""

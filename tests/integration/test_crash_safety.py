@@ -125,7 +125,9 @@ def stored_bodies(database: str, ids: list[str]) -> dict[str, tuple[bytes, str]]
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for queue_id, body, sha in conn.execute(
-                f"SELECT id, body, sha256 FROM messages WHERE id IN ({marks})", chunk
+                f"SELECT id, body, sha256 FROM messages JOIN bodies ON message_id = id"
+                f" WHERE id IN ({marks})",
+                chunk,
             ):
                 found[queue_id] = (bytes(body), sha)
     return found

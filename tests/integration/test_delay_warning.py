@@ -6,7 +6,7 @@ import smtplib
 import time
 from typing import Any
 
-from tests.support.server import ServerProcess
+from tests.support.server import DOMAIN, ServerProcess
 from tests.support.waiting import wait_for
 
 
@@ -17,6 +17,12 @@ def dsns(server: ServerProcess) -> list[dict[str, Any]]:
 def test_a_late_recipient_gets_one_delay_warning_and_no_second(server_factory: Any) -> None:
     server: ServerProcess = server_factory(
         delivery={"delay_warning": "1s", "probe_interval": "1h"},
+        # The sender's domain has a dead primary too, so that the warning stays queued
+        # for the test to read (a delivered or bounced message's body leaves the queue).
+        domain=[
+            {"name": DOMAIN, "primary": ["127.0.0.1:9"]},
+            {"name": "sender.test", "primary": ["127.0.0.1:9"]},
+        ],
     ).start()
     with smtplib.SMTP(server.host, server.port, timeout=10) as client:
         client.sendmail(

@@ -298,14 +298,14 @@ def test_held_mail_reaches_the_primary_once_with_all_recipients_when_it_comes_ba
     listed = server.queue("--domain", "example.test")
     assert {m["id"] for m in listed} == set(sent)
     assert {r["state"] for m in listed for r in m["recipients"]} == {"queued"}
+    stored = stored_in_parallel(server, list(sent))  # a delivered message's body leaves
 
     sink = sinks(PRIMARY, port)
     wait_for(lambda: pending(server) == 0, 20, "every held recipient delivered")
     elapsed = time.monotonic() - sink.started_at
     assert elapsed <= PROBE_INTERVAL + 2, f"delivered {elapsed:.1f} s after the primary came back"
     assert set(states(server).values()) == {"delivered"}
-
-    stored = stored_in_parallel(server, list(sent))
+    assert {m["id"] for m in server.queue() if m["finished_at"]} == set(sent)
     arrived = by_queue_id(sink.messages())
     assert sorted(arrived) == sorted(sent)
     for queue, (recipients, content) in sent.items():
@@ -409,7 +409,11 @@ def test_a_recipient_refused_with_5xx_bounces_with_a_dsn_from_the_null_sender(
     (transaction,) = received  # the others, once, in one transaction
     assert transaction.sender == SENDER
     assert sorted(transaction.recipients) == ["good1@example.test", "good2@example.test"]
-    assert transaction.content == server.raw(queue)
+    received_header, forwarded = split_received(transaction.content)
+    assert forwarded == content
+    assert f"by {HOSTNAME} (backupmx)".encode() in received_header
+    finished = server.cli("queue", "show", queue, "--raw", check=False)
+    assert finished.returncode == 1 and "body was removed" in finished.stderr
 
     (dsn,) = senders_mx.messages()
     assert_dsn_envelope(dsn)

@@ -63,7 +63,7 @@ def recipient_for(name: str) -> str:
 @pytest.fixture(scope="module")
 def forwarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Forwarded]]:
     port = free_port(PRIMARY)
-    sink = SmtpSink(PRIMARY, port).start()
+    sink = SmtpSink(PRIMARY, port)  # started once everything is stored and held
     directory = tmp_path_factory.mktemp("corpus")
     server = ServerProcess(
         directory,
@@ -83,10 +83,12 @@ def forwarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Fo
                 code, reply = client.data(data)
                 assert code == 250, (name, reply)
                 sent[name] = (queue_id(reply.decode()), data)
+        # Read while held: a delivered message's body leaves the queue.
+        stored = stored_in_parallel(server, [queue for queue, _ in sent.values()])
+        sink.start()
         # A file that never arrives fails its own test case below, not the whole module.
         with contextlib.suppress(AssertionError):
             wait_for(lambda: sink.count() >= len(FILES), DELIVERY_SECONDS, "every file")
-        stored = stored_in_parallel(server, [queue for queue, _ in sent.values()])
         arrived: dict[str, list[bytes]] = {}
         for dumped in sink.messages():
             for address in dumped.recipients:

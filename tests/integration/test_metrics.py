@@ -3,15 +3,17 @@
 The tests send real mail (smtplib) to a server whose primary
 (127.0.0.1:9) refuses connections, then read ``/metrics`` with
 ``prometheus_client.parser`` and ``/healthz`` as JSON: counters for what
-happened, gauges for what the queue holds, ``503`` once the queue database is
-gone (a PostgreSQL database dropped under the server, an SQLite file moved away)
-while the process keeps running.  The pure parts (reply reasons, domain labels,
-the queue summary) are in tests/unit/test_metrics.py.
+happened, gauges for what the queue holds and the disk it takes (on SQLite and
+on PostgreSQL), ``503`` once the queue database is gone (a PostgreSQL database
+dropped under the server, an SQLite file moved away) while the process keeps
+running.  The pure parts (reply reasons, domain labels, the queue summary, a
+scrape of a store that does not answer) are in tests/unit/test_metrics.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import time
 import urllib.error
@@ -142,6 +144,32 @@ def test_scrape_counts_accepted_and_rejected_mail_and_shows_the_held_queue(
     held = scrape(server)
     assert value(held, "backupmx_queue_recipients", domain=DOMAIN, state="held") == 2
     assert value(held, "backupmx_queue_recipients", domain=DOMAIN, state="queued") == 0
+    assert server.stop() == 0
+
+
+def test_scrape_shows_the_sqlite_queue_size_and_the_free_space_beside_it(
+    server_factory: Any,
+) -> None:
+    server = metered(server_factory)
+    samples = scrape(server)
+    files = [server.directory / "queue.db", server.directory / "queue.db-wal"]
+    on_disk = sum(f.stat().st_size for f in files if f.exists())
+    size = value(samples, "backupmx_queue_database_bytes")
+    assert size is not None and abs(size - on_disk) < 1024**2  # an idle, nearly empty queue
+    disk = os.statvfs(server.directory)
+    free = value(samples, "backupmx_queue_filesystem_free_bytes")
+    assert free is not None and 0 < free <= disk.f_blocks * disk.f_frsize
+    assert server.stop() == 0
+
+
+def test_scrape_shows_the_postgresql_database_size_and_no_free_space(
+    server_factory: Any, postgres_url: str
+) -> None:
+    server = metered(server_factory, database=postgres_url)
+    samples = scrape(server)
+    size = value(samples, "backupmx_queue_database_bytes")
+    assert size is not None and size > 1024**2  # an empty PostgreSQL database takes megabytes
+    assert value(samples, "backupmx_queue_filesystem_free_bytes") is None
     assert server.stop() == 0
 
 

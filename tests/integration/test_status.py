@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def test_status_shows_server_queue_primaries_and_age_chart(populated: Populated)
     assert f"not answering on {populated.metrics}" in output
     assert "listen     127.0.0.1:2525" in output
     assert f"database   sqlite:///{populated.database} (schema " in output
+    assert re.search(r"disk       [\d.]+ \S+ used by the queue, [\d.]+ \S+ free beside it", output)
     assert "5 message(s); recipients: queued 5, sending 0, held 1, delivered 0" in output
     assert re.search(r"oldest     \S+Z \(2d ago\)", output), output
 
@@ -172,6 +174,11 @@ def test_status_json_has_the_same_facts(populated: Populated) -> None:
     assert domains["example.org"]["next_probe_at"] is None
     assert domains["sender.test"]["backed_up"] is False
     assert [h["messages"] for h in facts["age_histogram"]] == [2, 1, 1, 0, 1, 0]
+    # The queue file and its WAL while the command had them open (the WAL is folded
+    # into the file when the last connection closes), and the disk beside them.
+    assert facts["database_bytes"] >= populated.database.stat().st_size > 0
+    disk = os.statvfs(populated.database)
+    assert 0 < facts["filesystem_free_bytes"] <= disk.f_blocks * disk.f_frsize
 
 
 def test_status_of_a_running_server_says_healthy(server_factory: Any) -> None:

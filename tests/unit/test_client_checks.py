@@ -1,6 +1,6 @@
 """Client checks, pure: PROXY v1/v2 parsing, DNSBL query names and answers, the
-greylist key, per-IP rates on a fake clock, and the config keys of DNSBL and
-greylisting.
+greylist key, per-IP rates on a fake clock (and the bound on the clients they
+remember), and the config keys of DNSBL and greylisting.
 
 The same checks against a real `backupmx serve` and dnsmasq are in
 tests/integration/test_client_checks.py.
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from backupmx.config import Dnsbl, DnsblZone
+from backupmx.receive import clients
 from backupmx.receive.clients import ClientRates
 from backupmx.receive.dnsbl import listed, query_name
 from backupmx.receive.greylist import client_network
@@ -72,6 +73,27 @@ def test_rates_are_per_client_and_refill_over_the_minute() -> None:
     assert rates.take("message", "192.0.2.1", 3)
     assert not rates.take("message", "192.0.2.1", 3)
     assert rates.take("message", "192.0.2.1", 0)  # 0: no limit
+
+
+def test_rates_forget_idle_clients_and_never_track_more_than_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(clients, "MAX_TRACKED_CLIENTS", 3)
+    now = [0.0]
+    rates = ClientRates(clock=lambda: now[0])
+    for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        assert rates.take("message", address, 1)
+    assert len(rates) == 3
+    # A flood of new addresses within the minute: the least recently seen goes.
+    now[0] = 10.0
+    assert not rates.take("message", "192.0.2.2", 1)  # still counted: seen more recently
+    for i in range(10, 20):
+        assert rates.take("message", f"2001:db8::{i}", 1)
+        assert len(rates) == 3
+    # A minute without a word: every bucket is full again, and none is kept.
+    now[0] = 100.0
+    assert rates.take("recipient", "192.0.2.9", 5)
+    assert len(rates) == 1
 
 
 def test_dnsbl_and_greylist_keys_are_documented_config(tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ DOMAIN_TABLE = '[[domain]]\nname = "example.test"\n'
         ('[spamcheck]\nbackend = "command"', "spamcheck.command"),
         ('[spamcheck]\nbackend = "rspamd"\naddress = "localhost"', "spamcheck.address"),
         ('[spamcheck]\non_error = "drop"', "spamcheck.on_error"),
+        ('[queue]\nkeep_finished = "1m"', "queue.keep_finished"),
+        ('[queue]\nkeep_finished = "soon"', "queue.keep_finished"),
         ('[spamcheck]\nactions = { spam = "bounce" }', "spamcheck.actions.spam"),
         ("[spamcheck]\nthresholds = { quarantine = 5.0 }", "spamcheck.thresholds"),
         ('[spamcheck]\nthresholds = { reject = "high" }', "spamcheck.thresholds.reject"),
@@ -130,3 +132,11 @@ def test_postmaster_key_must_be_a_plain_mailbox_in_a_backed_up_domain(
         load(path)
     assert error.value.key == "postmaster"
     assert problem in error.value.problem, error.value.problem
+
+
+def test_finished_records_are_kept_a_week_by_default_and_as_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    assert load(path).queue.keep_finished == 7 * 86400
+    path.write_text('[queue]\nkeep_finished = "2h"\n')
+    assert load(path).queue.keep_finished == 7200

@@ -4,6 +4,8 @@
 * Every configuration key the loader accepts is in the Configuration section of
   docs/contracts.md, and the loader accepts every key written there.
 * Every CLI verb and option of the argparse parser is in its Command line section.
+* Every metric the endpoint exports is in its Metrics section, and every metric
+  written there is exported.
 * Every relative link and #anchor in docs/ and README.md resolves, and so does every
   docs/<page>.md#anchor that a comment or docstring names.
 """
@@ -24,6 +26,7 @@ from typing import Annotated, Any
 import pytest
 
 from backupmx import config as configuration
+from backupmx import metrics
 from backupmx.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +38,7 @@ OUTSIDE_NOTES = re.compile(r"\.\./shared\b|\b(?:design|anchors|style)\.md\b")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 NAMED_PAGE = re.compile(r"(?<![\w/.])docs/([\w-]+\.md)(?:#([\w-]+))?")
 KEY_ROW = re.compile(r"^\|\s*`([a-z_][a-z0-9_.\[\]]*)`\s*\|", re.M)
+METRIC_ROW = re.compile(r"^\|\s*`(backupmx_[a-z_]+)`\s*\|", re.M)
 SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", "build", "dist", "node_modules"}
 
 
@@ -187,6 +191,15 @@ def documented_keys() -> set[str]:
     return set(KEY_ROW.findall(section(CONTRACTS.read_text(), "## Configuration")))
 
 
+def exported_metrics() -> set[str]:
+    """Our metric families by the names contracts.md gives them (counters with ``_total``)."""
+    return {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.REGISTRY.collect()
+        if family.name.startswith("backupmx_")
+    }
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -231,6 +244,14 @@ def test_every_cli_verb_and_option_is_documented() -> None:
             missing.append(f"backupmx {verb}")
         missing += [f"{verb} {o}" for o in sorted(options(subparser)) if o not in text]
     assert not missing, f"not in docs/contracts.md#command-line: {missing}"
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exported() -> None:
+    documented = set(METRIC_ROW.findall(section(CONTRACTS.read_text(), "## Metrics")))
+    exported = exported_metrics()
+    assert len(exported) > 10, "the registry's metrics were not found"
+    assert not exported - documented, f"not in docs/contracts.md#metrics: {exported - documented}"
+    assert not documented - exported, f"documented, not exported: {documented - exported}"
 
 
 @pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))

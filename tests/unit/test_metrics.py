@@ -1,19 +1,27 @@
-"""The pure parts of the metrics: reply reasons, domain labels, the queue summary line.
+"""The pure parts of the metrics: reply reasons, domain labels, the queue summary line,
+and a scrape over a stand-in store.
 
 No server and no HTTP: `metrics.reason` names a refusal by its enhanced status
-code, `metrics.domain_label` keeps label values to the backed-up domains (and
-``other``), and `QueueView.summary` is the one line STATUS= and the log carry.
+code, `metrics.domain_label` keeps label values to the backed-up domains as
+configured (and ``other``), `QueueView.summary` is the one line STATUS= and the
+log carry, and `Endpoint.scrape` reads the store within ``store_timeout``.
 The endpoint itself, scraped from a real ``backupmx serve``, is in
 tests/integration/test_metrics.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from backupmx import metrics
 from backupmx.mail.address import RelayDomains
 from backupmx.queue.records import DomainState, DomainStats, Stats, utcnow
+from backupmx.queue.space import Footprint
+
+EMPTY = Stats(0, {"queued": 0, "sending": 0, "held": 0}, None, [])
 
 
 def test_reply_reasons_are_named_by_enhanced_status_code() -> None:
@@ -21,13 +29,19 @@ def test_reply_reasons_are_named_by_enhanced_status_code() -> None:
     assert metrics.reason("451 4.3.0 Error: queue file write error") == "storage_error"
     assert metrics.reason("550 5.7.1 Relay access denied") == "denied"
     assert metrics.reason("550 5.9.9 something new") == "5.9.9"
+    # Text after the basic code never becomes a label: the label set stays bounded.
+    assert metrics.reason("554 Transaction failed") == "554"
+    assert metrics.reason("451 user@example.com tried later") == "451"
 
 
 def test_domain_labels_are_the_backed_up_domains_and_other() -> None:
     metrics.follow(RelayDomains(["example.com", ".example.org"]))
     try:
         assert metrics.domain_label("EXAMPLE.com") == "example.com"
-        assert metrics.domain_label("mx.example.org") == "mx.example.org"
+        # A subdomain counts as the entry that backs it up: however many subdomains
+        # the mail names, the labels are the configured names.
+        assert metrics.domain_label("mx.example.org") == ".example.org"
+        assert metrics.domain_label("a.b.EXAMPLE.org") == ".example.org"
         assert metrics.domain_label("sender.test") == metrics.OTHER
         assert metrics.domain_label("not a domain") == metrics.OTHER
     finally:
@@ -48,9 +62,65 @@ def test_queue_summary_names_the_primaries_that_are_down() -> None:
             name: DomainState(name, state, now - timedelta(hours=1), None, None, None, None)
             for name, state in [("example.com", "down"), ("example.net", "up"), ("x.test", "down")]
         }
-        summary = metrics.QueueView(stats, states).summary()
+        summary = metrics.QueueView(stats, states, Footprint(0, None)).summary()
     finally:
         metrics.follow(RelayDomains(()))
     assert summary == (
         "queue: 3 message(s), 5 recipient(s) waiting, 2 held; primary down: example.com"
     )
+
+
+class StandInStore:
+    """What `QueueView.read` asks of the store; `footprint` may never answer."""
+
+    def __init__(self, footprint: Footprint | None) -> None:
+        self._footprint = footprint
+
+    async def stats(self) -> Stats:
+        return EMPTY
+
+    async def domain_states(self) -> dict[str, DomainState]:
+        return {}
+
+    async def footprint(self) -> Footprint:
+        if self._footprint is None:
+            await asyncio.Event().wait()  # a database that does not answer
+        assert self._footprint is not None
+        return self._footprint
+
+
+async def scrape(footprint: Footprint | None) -> dict[str, float]:
+    endpoint = metrics.Endpoint(
+        metrics.Sources(
+            StandInStore(footprint),  # type: ignore[arg-type]
+            lambda: True,
+            [],
+            dict,
+            store_timeout=0.05,
+        )
+    )
+    text = (await endpoint.scrape()).decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def test_scrape_shows_the_database_size_and_the_free_space_beside_it() -> None:
+    samples = await scrape(Footprint(123_456, 9_876_543_210))
+    assert samples["backupmx_store_up"] == 1
+    assert samples["backupmx_queue_database_bytes"] == 123_456
+    assert samples["backupmx_queue_filesystem_free_bytes"] == 9_876_543_210
+
+
+async def test_free_space_is_absent_when_unknown_never_zero() -> None:
+    on_postgresql = await scrape(Footprint(8_000_000, None))
+    assert on_postgresql["backupmx_queue_database_bytes"] == 8_000_000
+    assert "backupmx_queue_filesystem_free_bytes" not in on_postgresql
+    await scrape(Footprint(1, 2))
+    silent = await scrape(None)  # the store does not answer within store_timeout
+    assert silent["backupmx_store_up"] == 0
+    assert "backupmx_queue_database_bytes" not in silent
+    assert "backupmx_queue_filesystem_free_bytes" not in silent

@@ -1,12 +1,17 @@
 """What the deliverer remembers of each domain's primary (`backupmx.deliver.primaries`):
-one record per domain, following the primary state table, written through a store."""
+one record per domain, following the primary state table, written through a store;
+and how many records and routes it keeps while the destinations grow with the mail."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+import pytest
+
+from backupmx.deliver import primaries as primaries_module
 from backupmx.deliver.primaries import DomainPolicy, Primaries
+from backupmx.deliver.route import Route, RoutePlan
 from backupmx.queue.state import PrimaryState
 
 
@@ -88,3 +93,46 @@ async def test_a_primary_seen_down_forgets_when_it_came_up() -> None:
     assert not known.in_hold_window("example.test")  # up for longer than the window
     await known.observed("example.test", False, "refused")
     assert known.in_hold_window("example.test")  # since when is unknown: stay careful
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+async def test_records_past_the_bound_are_forgotten_except_those_a_hold_window_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(primaries_module, "MAX_KNOWN_DOMAINS", 2)
+    hold = DomainPolicy(on_primary_5xx="hold", hold_window=0)
+    bounce = DomainPolicy()
+    known = Primaries(
+        FakeStore(),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        lambda domain: hold if domain == "example.com" else bounce,
+        25,
+        "backup.test",
+        None,  # type: ignore[arg-type]
+    )
+    await known.observed("example.com", True, "probe answered")
+    assert not known.in_hold_window("example.com")  # up for longer than its window
+    # DSNs to senders' domains whose primaries refuse: one record each.
+    for sender in ("a.test", "b.test", "c.test", "d.test"):
+        await known.observed(sender, False, "refused")
+    assert known.down_since("d.test") is not None
+    assert known.down_since("a.test") is None  # forgotten, the least recently written
+    assert not known.in_hold_window("example.com")  # kept: forgetting it would hold 5xx
+
+
+async def test_routes_past_the_bound_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(primaries_module, "MAX_ROUTES", 2)
+    planned: list[str] = []
+
+    async def plan(domain: str, *_: Any) -> Route:
+        planned.append(domain)
+        return RoutePlan(domain, (), "mx")
+
+    monkeypatch.setattr(primaries_module, "plan", plan)
+    known = primaries(FakeStore())
+    for domain in ("a.test", "b.test", "c.test", "c.test", "a.test"):
+        await known.route(domain)
+    assert planned == ["a.test", "b.test", "c.test", "a.test"]  # c reused, a asked again

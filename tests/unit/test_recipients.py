@@ -1,5 +1,6 @@
 """Recipient lists, pure: what a ``recipients = "list"`` file holds, and its re-reading
-when the file changes (a file in a temporary directory, no server).
+when the file changes (a file in a temporary directory, no server); and the bounds
+on what the verifier remembers, with a stand-in cache and callout.
 
 The verifier against a real store, and "list" and "verify" against a real
 `backupmx serve`, are in tests/integration/test_recipients.py.
@@ -7,15 +8,20 @@ The verifier against a real store, and "list" and "verify" against a real
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from backupmx.config import Recipients
 from backupmx.mail.address import Address
+from backupmx.mail.reply import CalloutAnswer
+from backupmx.queue.records import RecipientVerdict
 from backupmx.receive import recipients as recipients_module
-from backupmx.receive.recipients import RecipientList, parse_list
+from backupmx.receive.recipients import RecipientList, Status, Verifier, parse_list
 
 
 def test_list_file_holds_addresses_and_catch_all_domains() -> None:
@@ -48,3 +54,72 @@ def test_list_is_reread_when_its_mtime_changes(
     assert listed.knows(Address("bob", "example.test"))
     path.unlink()  # a vanished file keeps the last good contents
     assert listed.knows(Address("bob", "example.test"))
+
+
+# --------------------------------------------------------------------------- verifier bounds
+
+
+class Cache:
+    """The verification cache as the store keeps it, in a dict."""
+
+    def __init__(self) -> None:
+        self.verdicts: dict[str, RecipientVerdict] = {}
+
+    async def recipient_verdict(self, address: str) -> RecipientVerdict | None:
+        return self.verdicts.get(address)
+
+    async def remember_recipients(self, verdicts: Sequence[RecipientVerdict]) -> None:
+        self.verdicts.update((v.address, v) for v in verdicts)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the callouts never finished")
+
+
+async def test_callouts_waiting_for_a_slot_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipients_module, "MAX_PENDING_CALLOUTS", 3)
+    primary_answers = asyncio.Event()
+    asked: list[str] = []
+
+    async def callout(domain: str, address: str) -> CalloutAnswer:
+        asked.append(address)
+        await primary_answers.wait()
+        return CalloutAnswer(250, "2.1.5 Ok")
+
+    cache = Cache()
+    verifier = Verifier(cache, callout)  # type: ignore[arg-type]
+    settings = Recipients(verify_wait=0.01, max_callouts=1)
+    for i in range(5):
+        assert await verifier.check(Address(f"u{i}", "example.com"), settings) is Status.UNVERIFIED
+    primary_answers.set()
+    await until(lambda: len(cache.verdicts) == 3)
+    # Three were started (one talking, two waiting for its slot); the others got none.
+    assert asked == ["u0@example.com", "u1@example.com", "u2@example.com"]
+    assert await verifier.check(Address("u1", "example.com"), settings) is Status.VALID
+    # With the callouts done there is room again.
+    assert await verifier.check(Address("u4", "example.com"), settings) is Status.VALID
+    assert asked[-1] == "u4@example.com"
+
+
+async def test_silent_domains_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a ``.parent`` entry every subdomain may be a domain whose primary is silent."""
+    monkeypatch.setattr(recipients_module, "MAX_QUIET_DOMAINS", 2)
+    asked: list[str] = []
+
+    async def callout(domain: str, address: str) -> CalloutAnswer:
+        asked.append(domain)
+        return CalloutAnswer(0, "connection refused")
+
+    verifier = Verifier(Cache(), callout)  # type: ignore[arg-type]
+    settings = Recipients(verify_retry=3600.0)
+    for name in ("a.example.org", "b.example.org", "c.example.org"):
+        assert await verifier.check(Address("u", name), settings) is Status.UNVERIFIED
+    assert asked == ["a.example.org", "b.example.org", "c.example.org"]
+    # c is still quiet; a, the oldest, was forgotten: it gets a callout again.
+    await verifier.check(Address("v", "c.example.org"), settings)
+    await verifier.check(Address("v", "a.example.org"), settings)
+    assert asked[3:] == ["a.example.org"]

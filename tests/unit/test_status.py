@@ -1,5 +1,5 @@
-"""`backupmx status` and `queue …` output helpers, pure: the queue-age bar chart and
-the progress bar of long bulk actions.
+"""`backupmx status` and `queue …` output helpers, pure: the queue-age bar chart, the
+disk line, and the progress bar of long bulk actions.
 
 The commands themselves, run as an operator runs them against a populated queue,
 are in tests/integration/test_status.py.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 from backupmx.cli.queue import Progress
-from backupmx.cli.status import bar_chart
+from backupmx.cli.status import bar_chart, space_line
 
 
 def test_bar_chart_scales_to_the_largest_bucket() -> None:
@@ -18,6 +18,15 @@ def test_bar_chart_scales_to_the_largest_bucket() -> None:
     lines = bar_chart(histogram).splitlines()
     assert [line.count("#") for line in lines] == [40, 0, 20, 20]
     assert [line.split()[-1] for line in lines] == ["2", "0", "1", "1"]
+
+
+def test_disk_line_says_what_the_queue_takes_and_what_is_free_beside_it() -> None:
+    assert space_line(1536 * 1024, 20 * 1024**3) == (
+        "1.5 MiB used by the queue, 20.0 GiB free beside it"
+    )
+    assert space_line(512, 3 * 1024**4) == "512 B used by the queue, 3.0 TiB free beside it"
+    # PostgreSQL: the free space is the database server's, not ours to see.
+    assert space_line(8 * 1024**3, None) == "8.0 GiB used by the queue"
 
 
 def test_progress_bar_is_drawn_only_on_a_terminal_for_long_actions() -> None:
