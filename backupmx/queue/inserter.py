@@ -1,8 +1,8 @@
-"""The inserts of new messages and their recipients, at the driver's own speed.
+"""The inserts of new messages, their bodies and recipients, at the driver's own speed.
 
-Both writers of new mail use it: the intake process (received messages,
-`backupmx.queue.intake`) and the results writer (DSNs queued with the results
-that caused them, `backupmx.queue.results`).  Every new recipient starts
+Every writer of new mail uses it: the intake process (received messages,
+`backupmx.queue.intake`), the results writer and the sweeps (DSNs queued with
+the results that caused them, `backupmx.queue.results`).  Every new recipient starts
 ``queued`` and due at once, and its domain has a row in ``domains`` from the
 same transaction on (state ``unknown`` if it is new): the delivery loop and the
 probes find pending mail through the domains (`backupmx.queue.claims`).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,21 +30,11 @@ from backupmx.queue.records import NewMessage
 from backupmx.queue.state import PrimaryState, State
 
 
-@dataclass(frozen=True)
-class Rows:
-    """Insert rows for new messages, their bodies and their recipients (queued, due now)."""
-
-    messages: list[dict[str, Any]]
-    bodies: list[dict[str, Any]]
-    recipients: list[dict[str, Any]]
-
-    def by_table(self) -> list[tuple[Table, list[dict[str, Any]]]]:
-        """In the order the foreign keys want them."""
-        return [(messages, self.messages), (bodies, self.bodies), (recipients, self.recipients)]
-
-
-def insert_rows(batch: Sequence[NewMessage], now: datetime) -> Rows:
-    """Insert rows for new messages, their bodies and their recipients (queued, due now)."""
+def _insert_rows(
+    batch: Sequence[NewMessage], now: datetime
+) -> list[tuple[Table, list[dict[str, Any]]]]:
+    """Insert rows for new messages, their bodies and their recipients (queued, due now),
+    table by table in the order the foreign keys want them."""
     contents = [m.body.read() for m in batch]
     message_rows = [
         {
@@ -74,17 +63,17 @@ def insert_rows(batch: Sequence[NewMessage], now: datetime) -> Rows:
         for m in batch
         for r in m.recipients
     ]  # fmt: skip
-    return Rows(message_rows, body_rows, recipient_rows)
+    return [(messages, message_rows), (bodies, body_rows), (recipients, recipient_rows)]
 
 
-def domain_rows(batch: Sequence[NewMessage], now: datetime) -> list[dict[str, Any]]:
+def _domain_rows(batch: Sequence[NewMessage], now: datetime) -> list[dict[str, Any]]:
     """A ``domains`` row for each recipient domain of the batch, to insert unless present."""
     names = sorted({r.domain for m in batch for r in m.recipients})
     unknown = PrimaryState.UNKNOWN.value
     return [{"name": n, "state": unknown, "since": now, "updated_at": now} for n in names]
 
 
-def new_domains(dialect: Dialect) -> Any:
+def _new_domains(dialect: Dialect) -> Any:
     """INSERT INTO domains … that leaves a domain already known as it is."""
     dialects = {"sqlite": sqlite, "postgresql": postgresql}
     return dialects[dialect.name].insert(domains).on_conflict_do_nothing(index_elements=["name"])
@@ -96,18 +85,18 @@ class Inserter:
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
         self._prepared: dict[str, tuple[str, list[str], list[Any]]] = {}
-        self._new_domains = new_domains(dialect)
+        self._new_domains = _new_domains(dialect)
 
     def insert(self, conn: Connection, batch: Sequence[NewMessage], now: datetime) -> None:
         """New messages, all their recipients queued and due `now`, in `conn`'s transaction."""
         cursor = conn.connection.cursor()
         try:
-            for table, rows in insert_rows(batch, now).by_table():
+            for table, rows in _insert_rows(batch, now):
                 if rows:
                     cursor.executemany(*self._parameters(table, rows))
         finally:
             cursor.close()
-        conn.execute(self._new_domains, domain_rows(batch, now))
+        conn.execute(self._new_domains, _domain_rows(batch, now))
 
     def _parameters(self, table: Table, rows: list[dict[str, Any]]) -> tuple[str, list[Any]]:
         prepared = self._prepared.get(table.name)

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, false, insert, or_, select, update
+from sqlalchemy import bindparam, false, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
 from backupmx.queue.database import QueueDatabase, open_writer_engine
-from backupmx.queue.inserter import Inserter, domain_rows, insert_rows, new_domains
+from backupmx.queue.inserter import Inserter
 from backupmx.queue.models import bodies, messages, recipients
 from backupmx.queue.records import NewMessage, Overdue, Result, utcnow
 from backupmx.queue.retention import finish
@@ -262,6 +262,4 @@ def _warned(message_ids: set[str]) -> Any:
 
 async def _insert(conn: AsyncConnection, batch: Sequence[NewMessage], now: datetime) -> None:
     if batch:
-        for table, rows in insert_rows(batch, now).by_table():
-            await conn.execute(insert(table), rows)
-        await conn.execute(new_domains(conn.dialect), domain_rows(batch, now))
+        await conn.run_sync(lambda sync: Inserter(sync.dialect).insert(sync, batch, now))
