@@ -183,7 +183,7 @@ class App:
 
     async def housekeeping(self) -> None:
         """Lease recovery, expiry with DSNs, delay warnings, and the retention of finished
-        messages (every ``housekeeping_interval``)."""
+        messages and of other destinations' domain rows (every ``housekeeping_interval``)."""
         delivery = self.config.delivery
         now = utcnow()
         await self.store.release_expired_leases(now)
@@ -200,9 +200,15 @@ class App:
         forgotten = await self.store.forget_finished(
             now - timedelta(seconds=self.config.queue.keep_finished)
         )
+        quiet = await self.store.forget_quiet_domains(keep=self._domains.covers)
         given_back = await self.store.give_back_space()
-        if forgotten or given_back:
-            log.info("finished_forgotten", messages=forgotten, bytes_given_back=given_back)
+        if forgotten or quiet or given_back:
+            log.info(
+                "finished_forgotten",
+                messages=forgotten,
+                domains=quiet,
+                bytes_given_back=given_back,
+            )
 
     async def _sweep_all(
         self,

@@ -8,19 +8,28 @@ see the same.  A domain's row is created by its first report, in state
 ``unknown``, by the inserter when the domain's first mail is queued
 (`backupmx.queue.inserter`) or by its first report.  `claim`
 (`backupmx.queue.claims`) reads the state to leave a dead primary's mail alone.
+
+The rows of other destinations (the senders' domains our DSNs go to) go again
+once nothing waits for them (`forget_quiet_domains`): every claim reads each row
+that is not down, so their number must follow what is pending, not every domain
+ever written to.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import domains, recipients
 from backupmx.queue.records import DomainState, utcnow
-from backupmx.queue.state import PrimaryState, State
+from backupmx.queue.state import PENDING, PrimaryState, State
+
+QUIET_AFTER = timedelta(minutes=10)  # a row left unchanged this long, with nothing pending
+FORGET_BATCH = 500  # rows per delete
 
 
 class Domains(QueueDatabase):
@@ -91,3 +100,50 @@ class Domains(QueueDatabase):
         query = select(domains.c.name).where(pending.is_not(None)).order_by(domains.c.name)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
+
+    async def forget_quiet_domains(
+        self, keep: Callable[[str], bool], now: datetime | None = None
+    ) -> int:
+        """Delete the rows of domains with no pending recipient (queued, sending or
+        held) and unchanged for `QUIET_AFTER`, except those `keep` names (the
+        backed-up domains, whose primary state the operator watches).  Returns the
+        number deleted.
+
+        The inserter adds a row in the transaction that queues a domain's first
+        mail, so a delete must not decide on a snapshot older than that commit.
+        On PostgreSQL the table lock (SHARE ROW EXCLUSIVE conflicts with the
+        inserter's ROW EXCLUSIVE) waits for inserters in progress and holds new
+        ones for the length of one small delete, whose NOT-pending test then sees
+        their recipients; SQLite's writers are serialized by ``BEGIN IMMEDIATE``.
+        """
+        before = (now or utcnow()) - QUIET_AFTER
+        quiet = self._nothing_pending()
+        query = select(domains.c.name).where(domains.c.updated_at < before, quiet)
+        async with self.engine.connect() as conn:
+            names = [n for n in (await conn.execute(query)).scalars() if not keep(n)]
+        forgotten = 0
+        for start in range(0, len(names), FORGET_BATCH):
+            batch = names[start : start + FORGET_BATCH]
+            async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    await conn.execute(text("LOCK TABLE domains IN SHARE ROW EXCLUSIVE MODE"))
+                result = await conn.execute(
+                    delete(domains).where(domains.c.name.in_(batch), self._nothing_pending())
+                )
+                forgotten += result.rowcount
+        return forgotten
+
+    @staticmethod
+    def _nothing_pending() -> Any:
+        """True for a domains row without a pending recipient: one index probe
+        (``ix_recipients_due``) per row, as in `pending_domains`."""
+        return (
+            select(recipients.c.id)
+            .where(
+                recipients.c.state.in_([s.value for s in PENDING]),
+                recipients.c.domain == domains.c.name,
+            )
+            .limit(1)
+            .scalar_subquery()
+            .is_(None)
+        )

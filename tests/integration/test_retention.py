@@ -10,6 +10,7 @@ their free pages back.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
 from backupmx.queue.database import migrations_directory, upgrade
+from backupmx.queue.domains import QUIET_AFTER
+from backupmx.queue.inserter import Inserter
 from backupmx.queue.records import NewMessage, Result, utcnow
 from backupmx.queue.retention import FORGET_BATCH
 from backupmx.queue.state import Event, PrimaryState
@@ -164,6 +167,7 @@ async def idle_loop(store: Store) -> None:
     while await store.sweep(None, lambda overdue: [], older_than=now + timedelta(seconds=1)):
         pass
     await store.forget_finished(now - timedelta(days=7))
+    await store.forget_quiet_domains(lambda name: name == "down.test", now)
     await store.learn_recipients(now, timedelta(days=1), timedelta(days=1))
     await store.prune_protection(now - timedelta(days=2))
 
@@ -425,3 +429,49 @@ async def test_domains_of_new_mail_get_their_row(store: Store) -> None:
     await store.set_domain_state("new.test", PrimaryState.DOWN)
     await store.enqueue(message("c@new.test"))
     assert (await store.domain_states())["new.test"].state is PrimaryState.DOWN
+
+
+async def test_quiet_domains_rows_go_but_not_the_backed_up_ones_nor_those_with_mail(
+    store: Store,
+) -> None:
+    """A DSN's destination keeps its row while mail waits for it; once nothing is
+    pending and the row has been quiet for `QUIET_AFTER`, it goes, unless the
+    domain is backed up (its primary state is the operator's to watch)."""
+    delivered = message("a@sender.test", "b@ours.test")
+    await store.enqueue(delivered)
+    claims = await store.claim("node", 10, timedelta(minutes=5))
+    await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
+    await store.enqueue(message("c@waiting.test"))
+    held = message("d@held.test")
+    await store.enqueue(held)
+    await store.hold([held.id])
+
+    def ours(name: str) -> bool:
+        return name == "ours.test"
+
+    assert await store.forget_quiet_domains(ours) == 0  # nothing quiet for long enough yet
+    later = utcnow() + QUIET_AFTER + timedelta(seconds=1)
+    assert await store.forget_quiet_domains(ours, later) == 1
+    assert sorted(await store.domain_states()) == ["held.test", "ours.test", "waiting.test"]
+    # New mail for a forgotten domain brings its row back.
+    await store.enqueue(message("e@sender.test"))
+    assert "sender.test" in await store.pending_domains()
+
+
+async def test_a_domain_row_is_not_forgotten_under_mail_being_queued(store: Store) -> None:
+    """The intake's transaction queues mail for a domain whose row looks quiet while
+    `forget_quiet_domains` runs: the row must survive, or the probes would never see
+    that mail (they find pending mail through the domains' rows).  On PostgreSQL a
+    plain DELETE would not wait: the inserter's ON CONFLICT DO NOTHING locks nothing."""
+    await store.enqueue(message("a@sender.test"))
+    claims = await store.claim("node", 10, timedelta(minutes=5))
+    await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
+    later = utcnow() + QUIET_AFTER + timedelta(seconds=1)
+    inserter = Inserter(store.engine.dialect)
+    arriving = message("b@sender.test")
+    async with store.engine.begin() as conn:
+        await conn.run_sync(lambda sync: inserter.insert(sync, [arriving], utcnow()))
+        forgetting = asyncio.create_task(store.forget_quiet_domains(lambda _: False, later))
+        await asyncio.sleep(0.5)  # the delete has started and waits for this transaction
+    assert await asyncio.wait_for(forgetting, 30) == 0
+    assert await store.pending_domains() == ["sender.test"]
