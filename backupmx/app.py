@@ -101,6 +101,7 @@ class App:
     def __init__(self, config: configuration.Config, store: Store) -> None:
         self.config = config
         self.store = store
+        self.counts = metrics.QueueCounts(store)  # shared by the scrape and systemd's status
         self.notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
 
     @property
@@ -233,7 +234,7 @@ class App:
     async def report_status(self, notifier: Notifier) -> None:
         """STATUS= for `systemctl status`: the queue size and the primaries that are down."""
         try:
-            view = await metrics.QueueView.read(self.store)
+            view = await metrics.QueueView.read(self.counts)
         except Exception as error:
             notifier.status(f"queue database unreachable: {error}")
             return
@@ -268,7 +269,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         metrics.follow(listener.policy.relay_domains)
         endpoint = metrics.Endpoint(
             metrics.Sources(
-                store,
+                app.counts,
                 lambda: not listener.draining,
                 [str(a) for a in config.listen_addresses()],
                 deliverer.pacers.windows,

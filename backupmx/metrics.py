@@ -10,7 +10,8 @@ Two kinds of figures:
 * State — queue sizes, oldest message, primary up/down per domain, the database's
   size and the free space beside it.  Only the database knows them (the CLI
   changes the queue, and several nodes may share it), so they are read from the
-  store at each scrape (`QueueView`), never counted in memory.  A store that
+  store at each scrape (`QueueView`), never counted in memory; the counts, whose
+  cost grows with the queue, are reused while they are costly (`QueueCounts`).  A store that
   cannot be read within ``store_timeout`` leaves them out and sets
   ``backupmx_store_up 0``.
 
@@ -135,6 +136,11 @@ QUEUE_RECIPIENTS = Gauge(
     "backupmx_queue_recipients",
     "Pending recipients by destination domain and state (queued, sending, held)",
     ["domain", "state"],
+    registry=REGISTRY,
+)
+COUNTS_AGE = Gauge(
+    "backupmx_queue_counts_age_seconds",
+    "How old the queue counts in this scrape are (reused while they are costly to read)",
     registry=REGISTRY,
 )
 OLDEST_MESSAGE = Gauge(
@@ -300,6 +306,44 @@ def domain_label(domain: str) -> str:
 # --------------------------------------------------------------------------- queue state
 
 
+class QueueCounts:
+    """The queue's counts (`Store.stats`), read no more often than their cost allows.
+
+    The counts are grouped queries over every pending recipient and the finished
+    records, so their cost grows with what is held (about a second on SQLite for
+    1,000,000 held recipients).  Prometheus scrapes every 15 s and systemd's status
+    asks every ``status_interval``: read each time, a long outage's idle cost would
+    grow with the queue.  So a read that took t seconds is reused for ``REUSE`` × t,
+    which bounds the counting to 1 % of a core whoever asks; a read under
+    ``ALWAYS_FRESH`` is not reused at all (a small queue's counts are always
+    current).  The scrape says their age (``backupmx_queue_counts_age_seconds``).
+    One instance per process, shared by every reader; one read at a time.
+    """
+
+    REUSE = 99.0
+    ALWAYS_FRESH = 0.05  # seconds
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._last: Stats | None = None
+        self._read_at = 0.0
+        self._fresh_until = 0.0
+
+    async def read(self) -> tuple[Stats, float]:
+        """The counts and their age in seconds."""
+        async with self._lock:
+            now = self._clock()
+            if self._last is None or now >= self._fresh_until:
+                self._last = await self.store.stats()
+                done = self._clock()
+                cost = done - now
+                self._read_at = done
+                self._fresh_until = done + (cost * self.REUSE if cost >= self.ALWAYS_FRESH else 0)
+            return self._last, self._clock() - self._read_at
+
+
 @dataclass(frozen=True)
 class QueueView:
     """What the queue database says right now: counts, oldest messages, primaries,
@@ -308,10 +352,13 @@ class QueueView:
     stats: Stats
     states: dict[str, DomainState]
     footprint: Footprint
+    counts_age: float = 0.0  # seconds since `stats` was read (`QueueCounts`)
 
     @classmethod
-    async def read(cls, store: Store) -> QueueView:
-        return cls(await store.stats(), await store.domain_states(), await store.footprint())
+    async def read(cls, counts: QueueCounts) -> QueueView:
+        stats, age = await counts.read()
+        store = counts.store
+        return cls(stats, await store.domain_states(), await store.footprint(), age)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: queue size and the primaries that are down."""
@@ -331,6 +378,7 @@ class QueueView:
         """Set the state gauges from this view (the previous scrape's series are dropped)."""
         now = utcnow()
         QUEUE_MESSAGES.set(self.stats.messages)
+        COUNTS_AGE.set(self.counts_age)
         pending: dict[tuple[str, str], int] = {}
         oldest: dict[str, datetime] = {}
         for entry in self.stats.domains:
@@ -386,7 +434,7 @@ async def store_problem(store: Store) -> str | None:
 class Sources:
     """What the endpoint reads, handed over by the composition root."""
 
-    store: Store
+    counts: QueueCounts  # the store, and its counts as often as they may be read
     listening: Callable[[], bool]  # the SMTP listener is bound and not draining
     addresses: list[str]  # the SMTP listen addresses
     windows: Callable[[], dict[str, float]]  # per-host pacing windows (Pacers.windows)
@@ -442,7 +490,7 @@ class Endpoint:
     async def scrape(self) -> bytes:
         try:
             view = await asyncio.wait_for(
-                QueueView.read(self.sources.store), self.sources.store_timeout
+                QueueView.read(self.sources.counts), self.sources.store_timeout
             )
         except Exception as error:
             log.warning("metrics_store_unreadable", error=str(error) or type(error).__name__)
@@ -460,7 +508,7 @@ class Endpoint:
     async def _store_problem(self) -> str | None:
         try:
             return await asyncio.wait_for(
-                store_problem(self.sources.store), self.sources.store_timeout
+                store_problem(self.sources.counts.store), self.sources.store_timeout
             )
         except TimeoutError:
             return f"no answer within {self.sources.store_timeout:g}s"

@@ -19,7 +19,10 @@ How
     state ``unknown`` (inserted only if missing).  Then ``backupmx serve``
     starts with defaults (a static route to the dead primary; ``--retry-min``
     to change ``delivery.retry_min``; the metrics endpoint on a free loopback
-    port, not scraped unless ``--scrape``), the benchmark waits until the
+    port, not scraped unless ``--scrape``; with ``--systemd`` a
+    ``NOTIFY_SOCKET`` as systemd's ``Type=notify`` gives one, so that the
+    server reports its queue in ``STATUS=`` every ``metrics.status_interval``,
+    as it does when deployed), the benchmark waits until the
     ``domains`` row says ``down`` and ``--settle`` seconds more, so that
     start-up work is over, and measures for ``--seconds``:
 
@@ -39,6 +42,7 @@ Run from the repository root::
     .venv/bin/python bench/idle.py                        # 100,000 and 1,000,000 held
     .venv/bin/python bench/idle.py --quick --seconds 10   # 1,000 and 100,000, a short window
     .venv/bin/python bench/idle.py --recipients 1000000 --seconds 300
+    .venv/bin/python bench/idle.py --systemd --scrape 15   # as deployed: STATUS= and Prometheus
     .venv/bin/python bench/idle.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 Progress goes to stderr, the result table to stdout (``--json FILE`` also saves
@@ -56,9 +60,11 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -389,6 +395,39 @@ def cleanup(*steps: Callable[[], object] | None) -> None:
 
 
 @contextmanager
+def notify_socket(directory: Path, enabled: bool) -> Iterator[list[str]]:
+    """With `enabled`, ``NOTIFY_SOCKET`` in the environment the server inherits, bound
+    here as systemd binds it; the ``STATUS=`` lines it sends are collected."""
+    statuses: list[str] = []
+    if not enabled:
+        yield statuses
+        return
+    path = directory / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(POLL_SECONDS)
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():  # bounded by the run: `done` is set on exit
+            with suppress(TimeoutError):
+                for line in sock.recv(4096).decode(errors="replace").splitlines():
+                    if line.startswith("STATUS="):
+                        statuses.append(line.removeprefix("STATUS="))
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    os.environ["NOTIFY_SOCKET"] = str(path)
+    try:
+        yield statuses
+    finally:
+        os.environ.pop("NOTIFY_SOCKET", None)
+        done.set()
+        receiver.join(timeout=5)
+        sock.close()
+
+
+@contextmanager
 def workspace(prefix: str, workdir: str | None) -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
     try:
@@ -414,6 +453,8 @@ class Idle:
     rss_kib: int
     states_after: dict[str, int] = field(default_factory=dict)
     scrapes: int = 0
+    statuses: int = 0  # STATUS= lines received in the window (--systemd)
+    last_status: str = ""
 
     @property
     def cpu_percent(self) -> float:
@@ -441,7 +482,10 @@ def progress(line: str) -> None:
 
 
 def idle_run(held: int, opts: argparse.Namespace) -> Idle:
-    with workspace("bench-idle-", opts.workdir) as directory:
+    with (
+        workspace("bench-idle-", opts.workdir) as directory,
+        notify_socket(directory, opts.systemd) as statuses,
+    ):
         db = BenchDatabase(directory, opts.postgres, POSTGRES_DATABASE)
         server: ConfiguredServer | None = None
         try:
@@ -475,6 +519,7 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
             pg_pids = db.backend_pids()
 
             before, pg_before = tree_cpu(server.pid), postgres_ticks(pg_pids)
+            statuses_before = len(statuses)
             window_start = time.monotonic()
             window_end = window_start + opts.seconds
             next_scrape = window_start + opts.scrape if opts.scrape else math.inf
@@ -509,12 +554,16 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
                 rss_kib=rss,
                 states_after=states,
                 scrapes=scrapes,
+                statuses=len(statuses) - statuses_before,
+                last_status=statuses[-1] if statuses else "",
             )
             progress(
                 f"  CPU {result.cpu_percent:.2f} % of a core ("
                 + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(result.cpu_by_process.items()))
                 + f"), RSS {rss / KIB:.1f} MiB, after: {states}"
             )
+            if opts.systemd:
+                progress(f"  {result.statuses} STATUS= in the window, last: {result.last_status}")
             if result.problem:
                 progress(f"  ! {result.problem}")
             return result
@@ -543,7 +592,8 @@ def report(results: Sequence[Idle], opts: argparse.Namespace, load_before: float
         else f"queue:      PostgreSQL, database {POSTGRES_DATABASE}",
         f"window:     {opts.seconds:g} s after the primary was marked down + {opts.settle:g} s; "
         f"retry_min {opts.retry_min or 'default'}; "
-        + (f"metrics scraped every {opts.scrape:g} s" if opts.scrape else "metrics not scraped"),
+        + (f"metrics scraped every {opts.scrape:g} s" if opts.scrape else "metrics not scraped")
+        + ("; systemd STATUS= on" if opts.systemd else ""),
         f"load avg:   {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)",
         "",
     ]
@@ -595,6 +645,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         metavar="S",
         help="scrape /metrics every S seconds during the window, as Prometheus would (default off)",
+    )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="give serve a NOTIFY_SOCKET, as systemd does, so that it sends STATUS= lines",
     )
     parser.add_argument(
         "--postgres",
