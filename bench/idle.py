@@ -535,6 +535,7 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
                 time.sleep(min(POLL_SECONDS, window_end - now, max(next_scrape - now, 0)))
             after = tree_cpu(server.pid)
             window = time.monotonic() - window_start
+            in_window = statuses[statuses_before:]
             pg_after = postgres_ticks(db.backend_pids() if opts.postgres else [])
             rss = tree_rss_kib(pid)
             startup = sum(t for _, t in before.values()) / CLOCK_TICKS
@@ -554,8 +555,8 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
                 rss_kib=rss,
                 states_after=states,
                 scrapes=scrapes,
-                statuses=len(statuses) - statuses_before,
-                last_status=statuses[-1] if statuses else "",
+                statuses=len(in_window),
+                last_status=in_window[-1] if in_window else "",
             )
             progress(
                 f"  CPU {result.cpu_percent:.2f} % of a core ("

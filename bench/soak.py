@@ -29,7 +29,10 @@ How
     counted; pending recipients (``backupmx_queue_recipients``); the database
     size (SQLite: the .db file + its -wal; PostgreSQL: pg_database_size); the
     RSS of serve and its descendants (VmRSS from /proc/PID/status, summed);
-    the CPU they used since the previous line, in % of one core.  At the end:
+    the CPU they used since the previous line, in % of one core; and how many
+    messages of the interval waited over a second for their 250 (from the
+    ``backupmx_accept_latency_seconds`` histogram: deleting finished records
+    and giving pages back must never stall receiving).  At the end:
     totals, throughput, database size first and last, and the median RSS of
     the first quarter of the samples taken under load against the last
     quarter's, with the growth in %.
@@ -106,6 +109,7 @@ POSTGRES_DATABASE: Final = "backupmx_soak_bench"
 MAX_RUNS: Final = 100_000  # smtp-source runs, whatever the budget
 MAX_EMPTY_RUNS: Final = 3  # runs in a row that got nothing accepted: the server is broken
 STOP_SECONDS: Final = 10.0
+SLOW_ACCEPT: Final = 1.0  # seconds; a bucket of backupmx_accept_latency_seconds
 
 DELIVERY: Final = {
     "probe_interval": "1s",
@@ -287,6 +291,7 @@ class Sample:
     db_bytes: int
     rss_kib: int
     cpu_percent: float  # serve + descendants since the previous sample, % of one core
+    slow: int | None  # accepts over SLOW_ACCEPT seconds since the previous sample
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,7 @@ class Metrics:
     accepted: int | None
     delivered: int | None
     pending: int | None
+    slow: int | None = None  # accepts over SLOW_ACCEPT seconds since the server started
 
 
 def read_metrics(server: ConfiguredServer) -> Metrics:
@@ -309,6 +315,8 @@ def read_metrics(server: ConfiguredServer) -> Metrics:
             key = sample.name
             if key == "backupmx_recipients_total":
                 key += ":" + sample.labels.get("result", "")
+            if key == "backupmx_accept_latency_seconds_bucket":
+                key += ":" + sample.labels.get("le", "")
             sums[key] = sums.get(key, 0.0) + sample.value
 
     def value(key: str) -> int | None:
@@ -317,10 +325,13 @@ def read_metrics(server: ConfiguredServer) -> Metrics:
     pending = value("backupmx_queue_recipients")
     if pending is None and "backupmx_store_up" in sums:
         pending = 0  # the gauge has no series when nothing is pending
+    answered = value("backupmx_accept_latency_seconds_count")
+    quick = value(f"backupmx_accept_latency_seconds_bucket:{SLOW_ACCEPT:.1f}")
     return Metrics(
         value("backupmx_messages_accepted_total"),
         value("backupmx_recipients_total:delivered") or 0,
         pending,
+        None if answered is None or quick is None else answered - quick,
     )
 
 
@@ -335,6 +346,7 @@ class Sampler:
         self.samples: list[Sample] = []
         self._cpu = tree_cpu(server.pid)
         self._at = time.monotonic()
+        self._slow = 0
 
     def age(self) -> float:
         """Seconds since the last sample."""
@@ -346,6 +358,8 @@ class Sampler:
         percent = 100.0 * spent / (now - self._at) if now > self._at else 0.0
         self._cpu, self._at = cpu, now
         metrics = read_metrics(self.server)
+        slow = None if metrics.slow is None else metrics.slow - self._slow
+        self._slow = metrics.slow if metrics.slow is not None else self._slow
         sample = Sample(
             elapsed=now - self.load.started,
             phase=phase,
@@ -357,6 +371,7 @@ class Sampler:
             db_bytes=self.db.size_bytes(),
             rss_kib=tree_rss_kib(self.server.pid),
             cpu_percent=percent,
+            slow=slow,
         )
         self.samples.append(sample)
         progress(line(sample))
@@ -369,7 +384,7 @@ def _n(value: int | None) -> str:
 
 HEADER: Final = (
     f"{'elapsed':>8} {'phase':<5} {'accepted':>10} {'delivered':>10} {'at sink':>10} "
-    f"{'pending':>8} {'db MiB':>9} {'RSS MiB':>8} {'CPU %':>6}"
+    f"{'pending':>8} {'db MiB':>9} {'RSS MiB':>8} {'CPU %':>6} {'>1s':>5}"
 )
 
 
@@ -377,7 +392,7 @@ def line(s: Sample) -> str:
     return (
         f"{s.elapsed:>7.0f}s {s.phase:<5} {_n(s.accepted):>10} {_n(s.delivered):>10} "
         f"{_n(s.at_sink):>10} {_n(s.pending):>8} {s.db_bytes / MIB:>9.1f} "
-        f"{s.rss_kib / KIB:>8.1f} {s.cpu_percent:>6.0f}"
+        f"{s.rss_kib / KIB:>8.1f} {s.cpu_percent:>6.0f} {_n(s.slow):>5}"
     )
 
 
@@ -528,6 +543,12 @@ def report(result: Soak, opts: argparse.Namespace, load_before: float) -> str:
         f"db size:       first sample {first.db_bytes / MIB:.1f} MiB, last {end.db_bytes / MIB:.1f}"
         f" MiB ({end.db_bytes / max(accepted, 1) / KIB:.2f} KiB per accepted message)",
     ]
+    slow = [s.slow for s in result.samples if s.slow is not None]
+    if slow:
+        lines.append(
+            f"slow accepts:  {sum(slow):,} of {accepted:,} waited over {SLOW_ACCEPT:g} s for "
+            f"their 250 (most in one interval: {max(slow):,})"
+        )
     quarters = result.rss_quarters()
     if quarters:
         early, late = quarters
