@@ -67,18 +67,35 @@ class Claims(QueueDatabase):
         probes decide when it is worth trying again (`make_due` then), so a backup
         holding mail for a dead primary does not knock on its door with every message.
 
-        Theory of operation.  Due mail is looked for per domain that is not down, each
-        domain's oldest first along ``ix_recipients_due`` (state, domain,
-        next_attempt_at), in one UNION ALL of `limit`-row arms; the arms are merged by
-        due time.  A million recipients held for a down domain are never read, and an
-        idle poll costs one index seek per domain that is not down, whatever is held.
-        (One ``domain IN (…) ORDER BY next_attempt_at`` would sort every due row of
-        every open domain on each claim, a million during a flush.)
+        Theory of operation.  First the domains that are not down and have a
+        recipient due: one statement of fixed text, one ``LIMIT 1`` seek along
+        ``ix_recipients_due`` (state, domain, next_attempt_at) per domain row.  Then
+        those domains' oldest due recipients, in one UNION ALL of `limit`-row arms
+        merged by due time.  A million recipients held for a down domain are never
+        read; an idle poll is the first statement alone, whatever is held and however
+        many domains have rows (an arm per open domain made every poll compile and
+        run a statement with as many arms: 0.4 ms of CPU per domain row).  One
+        ``domain IN (…) ORDER BY next_attempt_at`` would sort every due row of every
+        open domain on each claim, a million during a flush.
         """
         now = now or utcnow()
-        open_domains = select(domains.c.name).where(domains.c.state != PrimaryState.DOWN)
+        due_here = (
+            select(recipients.c.id)
+            .where(
+                recipients.c.state.in_(sources(Event.CLAIM)),
+                recipients.c.domain == domains.c.name,
+                recipients.c.next_attempt_at <= now,
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
+        open_and_due = select(domains.c.name).where(
+            domains.c.state != PrimaryState.DOWN, due_here.is_not(None)
+        )
         async with self.engine.begin() as conn:
-            names = list((await conn.execute(open_domains)).scalars())
+            names = list((await conn.execute(open_and_due)).scalars())
+            if not names:
+                return []
             candidates = await _due(conn, names, limit, now)
             if not candidates:
                 return []

@@ -475,3 +475,31 @@ async def test_a_domain_row_is_not_forgotten_under_mail_being_queued(store: Stor
         await asyncio.sleep(0.5)  # the delete has started and waits for this transaction
     assert await asyncio.wait_for(forgetting, 30) == 0
     assert await store.pending_domains() == ["sender.test"]
+
+
+async def test_an_idle_claim_is_one_statement_whatever_the_number_of_domains(
+    store: Store,
+) -> None:
+    """Open domains with nothing due (mail deferred by backoff, or none at all) cost
+    an idle poll one seek each inside one statement of fixed text, not an arm each
+    in a statement that grows with them."""
+    deferred = message("a@deferred.test")
+    await store.enqueue(deferred)
+    (claim,) = await store.claim("node", 10, timedelta(minutes=5))
+    later = utcnow() + timedelta(hours=1)
+    await store.record("node", [Result(claim.recipient_id, Event.TEMPFAIL, "451 later", later)])
+
+    async def idle_claim() -> list[str]:
+        statements, stop = captured(store)
+        try:
+            assert await store.claim("node", 500, timedelta(minutes=10)) == []
+        finally:
+            stop()
+        return [statement for statement, _ in statements]
+
+    few = await idle_claim()
+    for i in range(300):
+        await store.set_domain_state(f"d{i}.test", PrimaryState.UP)
+    many = await idle_claim()
+    assert len(few) == 1
+    assert many == few
