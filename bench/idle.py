@@ -19,7 +19,8 @@ How
     state ``unknown`` (inserted only if missing).  Then ``backupmx serve``
     starts with defaults (a static route to the dead primary; ``--retry-min``
     to change ``delivery.retry_min``; the metrics endpoint on a free loopback
-    port, not scraped unless ``--scrape``; with ``--systemd`` a
+    port, not scraped unless ``--scrape``; ``--domains N`` adds N backed-up
+    domains with nothing pending and their primary up; with ``--systemd`` a
     ``NOTIFY_SOCKET`` as systemd's ``Type=notify`` gives one, so that the
     server reports its queue in ``STATUS=`` every ``metrics.status_interval``,
     as it does when deployed), the benchmark waits until the
@@ -292,6 +293,29 @@ def upgrade_schema(python: str, conf: Path, timeout: float) -> str:
     return str(json.loads(res.stdout).get("revision"))
 
 
+def quiet_domains(count: int) -> list[str]:
+    return [f"d{i}.bench.test" for i in range(count)]
+
+
+def add_quiet_domains(db: BenchDatabase, count: int) -> None:
+    """`count` more backed-up domains with nothing pending and their primary up, as a
+    server backing many domains up knows them (``domains`` rows in state ``up``)."""
+    now = datetime.now(UTC)
+    rows = [
+        {"name": name, "state": "up", "since": now, "updated_at": now}
+        for name in quiet_domains(count)
+    ]
+    if rows:
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO domains (name, state, since, updated_at) "
+                    "VALUES (:name, :state, :since, :updated_at)"
+                ),
+                rows,
+            )
+
+
 def fill(db: BenchDatabase, recipients: int, deadline: float) -> float:
     """Insert `recipients` queued recipients, 100 per message; returns the seconds it took."""
     from backupmx.queue.inserter import Inserter
@@ -491,7 +515,10 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
         try:
             settings: dict[str, Any] = {
                 "database": db.url,
-                "domain": [{"name": DOMAIN, "primary": [f"{PRIMARY_HOST}:{PRIMARY_PORT}"]}],
+                "domain": [
+                    {"name": name, "primary": [f"{PRIMARY_HOST}:{PRIMARY_PORT}"]}
+                    for name in [DOMAIN, *quiet_domains(opts.domains)]
+                ],
             }
             if opts.retry_min:
                 settings["delivery"] = {"retry_min": opts.retry_min}
@@ -500,6 +527,7 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
             revision = upgrade_schema(opts.python, server.conf, opts.timeout)
             progress(f"{db.backend} {held:,}: schema at {revision}, filling")
             filled = fill(db, held, time.monotonic() + opts.timeout)
+            add_quiet_domains(db, opts.domains)
             progress(f"{db.backend} {held:,}: filled in {filled:.1f} s, starting serve")
 
             started = time.monotonic()
@@ -594,7 +622,8 @@ def report(results: Sequence[Idle], opts: argparse.Namespace, load_before: float
         f"window:     {opts.seconds:g} s after the primary was marked down + {opts.settle:g} s; "
         f"retry_min {opts.retry_min or 'default'}; "
         + (f"metrics scraped every {opts.scrape:g} s" if opts.scrape else "metrics not scraped")
-        + ("; systemd STATUS= on" if opts.systemd else ""),
+        + ("; systemd STATUS= on" if opts.systemd else "")
+        + (f"; {opts.domains} more backed-up domains, quiet" if opts.domains else ""),
         f"load avg:   {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)",
         "",
     ]
@@ -648,6 +677,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="scrape /metrics every S seconds during the window, as Prometheus would (default off)",
     )
     parser.add_argument(
+        "--domains",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more backed-up domains, with nothing pending and their primary up (default 0)",
+    )
+    parser.add_argument(
         "--systemd",
         action="store_true",
         help="give serve a NOTIFY_SOCKET, as systemd does, so that it sends STATUS= lines",
@@ -674,8 +710,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error("--recipients takes comma-separated integers")
     else:
         opts.held = QUICK_RECIPIENTS if opts.quick else RECIPIENTS
-    if any(n < 1 for n in opts.held) or opts.seconds <= 0 or opts.settle < 0 or opts.scrape < 0:
-        parser.error("--recipients and --seconds must be positive, --settle and --scrape >= 0")
+    if (
+        any(n < 1 for n in opts.held)
+        or opts.seconds <= 0
+        or opts.settle < 0
+        or opts.scrape < 0
+        or opts.domains < 0
+    ):
+        parser.error(
+            "--recipients and --seconds must be positive, --settle, --scrape and --domains >= 0"
+        )
     if opts.postgres and make_url(opts.postgres).get_backend_name() != "postgresql":
         parser.error("--postgres takes a postgresql:// URL")
     return opts
