@@ -61,11 +61,9 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +92,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(REPO_ROOT))
+from tests.support.notify_socket import NotifySocket  # systemd's end of sd_notify
 from tests.support.server import write_config  # the tests' TOML writer
 
 RECIPIENTS: Final = (100_000, 1_000_000)
@@ -419,36 +418,25 @@ def cleanup(*steps: Callable[[], object] | None) -> None:
 
 
 @contextmanager
-def notify_socket(directory: Path, enabled: bool) -> Iterator[list[str]]:
+def notify_socket(directory: Path, enabled: bool) -> Iterator[Callable[[], list[str]]]:
     """With `enabled`, ``NOTIFY_SOCKET`` in the environment the server inherits, bound
-    here as systemd binds it; the ``STATUS=`` lines it sends are collected."""
-    statuses: list[str] = []
+    here as systemd binds it (the tests' `NotifySocket`); yields a function that
+    returns the ``STATUS=`` values sent so far."""
     if not enabled:
-        yield statuses
+        yield list
         return
-    path = directory / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(POLL_SECONDS)
-    done = threading.Event()
+    receiver = NotifySocket(str(directory / "notify.sock"))
 
-    def receive() -> None:
-        while not done.is_set():  # bounded by the run: `done` is set on exit
-            with suppress(TimeoutError):
-                for line in sock.recv(4096).decode(errors="replace").splitlines():
-                    if line.startswith("STATUS="):
-                        statuses.append(line.removeprefix("STATUS="))
+    def statuses() -> list[str]:
+        receiver.drain()
+        return [message["STATUS"] for message in receiver.received if "STATUS" in message]
 
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    os.environ["NOTIFY_SOCKET"] = str(path)
+    os.environ["NOTIFY_SOCKET"] = receiver.address
     try:
         yield statuses
     finally:
         os.environ.pop("NOTIFY_SOCKET", None)
-        done.set()
-        receiver.join(timeout=5)
-        sock.close()
+        receiver.close()
 
 
 @contextmanager
@@ -547,7 +535,7 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
             pg_pids = db.backend_pids()
 
             before, pg_before = tree_cpu(server.pid), postgres_ticks(pg_pids)
-            statuses_before = len(statuses)
+            statuses_before = len(statuses())
             window_start = time.monotonic()
             window_end = window_start + opts.seconds
             next_scrape = window_start + opts.scrape if opts.scrape else math.inf
@@ -563,7 +551,7 @@ def idle_run(held: int, opts: argparse.Namespace) -> Idle:
                 time.sleep(min(POLL_SECONDS, window_end - now, max(next_scrape - now, 0)))
             after = tree_cpu(server.pid)
             window = time.monotonic() - window_start
-            in_window = statuses[statuses_before:]
+            in_window = statuses()[statuses_before:]
             pg_after = postgres_ticks(db.backend_pids() if opts.postgres else [])
             rss = tree_rss_kib(pid)
             startup = sum(t for _, t in before.values()) / CLOCK_TICKS

@@ -28,6 +28,7 @@ from sqlalchemy import select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
+from backupmx.queue.domains import a_recipient_of_the_row
 from backupmx.queue.models import bodies, domains, messages, recipients
 from backupmx.queue.records import Claim, Outbound, utcnow
 from backupmx.queue.state import (
@@ -79,16 +80,7 @@ class Claims(QueueDatabase):
         open domain on each claim, a million during a flush.
         """
         now = now or utcnow()
-        due_here = (
-            select(recipients.c.id)
-            .where(
-                recipients.c.state.in_(sources(Event.CLAIM)),
-                recipients.c.domain == domains.c.name,
-                recipients.c.next_attempt_at <= now,
-            )
-            .limit(1)
-            .scalar_subquery()
-        )
+        due_here = a_recipient_of_the_row(sources(Event.CLAIM), recipients.c.next_attempt_at <= now)
         open_and_due = select(domains.c.name).where(
             domains.c.state != PrimaryState.DOWN, due_here.is_not(None)
         )

@@ -17,11 +17,11 @@ ever written to.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import ScalarSelect, delete, insert, select, text, update
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import domains, recipients
@@ -29,7 +29,7 @@ from backupmx.queue.records import DomainState, utcnow
 from backupmx.queue.state import PENDING, PrimaryState, State
 
 QUIET_AFTER = timedelta(minutes=10)  # a row left unchanged this long, with nothing pending
-FORGET_BATCH = 500  # rows per delete
+DOMAINS_PER_DELETE = 500
 
 
 class Domains(QueueDatabase):
@@ -86,17 +86,7 @@ class Domains(QueueDatabase):
         ones the probes watch.  Every domain with pending mail has a row (the
         inserter makes it), so this is one index seek per domain, not a scan of
         what is held."""
-        # A correlated LIMIT 1, not EXISTS: PostgreSQL may turn an EXISTS into a hash
-        # join over every pending row; this stays one index probe per domain.
-        pending = (
-            select(recipients.c.id)
-            .where(
-                recipients.c.state.in_([State.QUEUED.value, State.SENDING.value]),
-                recipients.c.domain == domains.c.name,
-            )
-            .limit(1)
-            .scalar_subquery()
-        )
+        pending = a_recipient_of_the_row([State.QUEUED, State.SENDING])
         query = select(domains.c.name).where(pending.is_not(None)).order_by(domains.c.name)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
@@ -117,33 +107,33 @@ class Domains(QueueDatabase):
         their recipients; SQLite's writers are serialized by ``BEGIN IMMEDIATE``.
         """
         before = (now or utcnow()) - QUIET_AFTER
-        quiet = self._nothing_pending()
+        quiet = a_recipient_of_the_row(PENDING).is_(None)
         query = select(domains.c.name).where(domains.c.updated_at < before, quiet)
         async with self.engine.connect() as conn:
             names = [n for n in (await conn.execute(query)).scalars() if not keep(n)]
         forgotten = 0
-        for start in range(0, len(names), FORGET_BATCH):
-            batch = names[start : start + FORGET_BATCH]
+        for start in range(0, len(names), DOMAINS_PER_DELETE):
+            batch = names[start : start + DOMAINS_PER_DELETE]
             async with self.engine.begin() as conn:
                 if self.dialect == "postgresql":
                     await conn.execute(text("LOCK TABLE domains IN SHARE ROW EXCLUSIVE MODE"))
-                result = await conn.execute(
-                    delete(domains).where(domains.c.name.in_(batch), self._nothing_pending())
-                )
+                result = await conn.execute(delete(domains).where(domains.c.name.in_(batch), quiet))
                 forgotten += result.rowcount
         return forgotten
 
-    @staticmethod
-    def _nothing_pending() -> Any:
-        """True for a domains row without a pending recipient: one index probe
-        (``ix_recipients_due``) per row, as in `pending_domains`."""
-        return (
-            select(recipients.c.id)
-            .where(
-                recipients.c.state.in_([s.value for s in PENDING]),
-                recipients.c.domain == domains.c.name,
-            )
-            .limit(1)
-            .scalar_subquery()
-            .is_(None)
+
+def a_recipient_of_the_row(states: Iterable[str], *conditions: Any) -> ScalarSelect[Any]:
+    """For a query over ``domains``: the id of one recipient of the row's domain in one
+    of `states` (and meeting `conditions`), or NULL.  A correlated LIMIT 1 is one seek
+    along ``ix_recipients_due`` (state, domain, next_attempt_at) per row, whatever is
+    held; not EXISTS, which PostgreSQL may turn into a hash join over every pending row."""
+    return (
+        select(recipients.c.id)
+        .where(
+            recipients.c.state.in_([str(state) for state in states]),
+            recipients.c.domain == domains.c.name,
+            *conditions,
         )
+        .limit(1)
+        .scalar_subquery()
+    )
