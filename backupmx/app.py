@@ -1,17 +1,18 @@
 """The composition root: build the store, the receiver, the deliverer and the scheduler,
 and run them in one asyncio event loop.
 
-Start-up: migrate the queue schema, give back leases this node left behind
-(a crash), start the group-commit writer, bind the listeners, start the
-deliverer and the scheduled jobs (probes every ``probe_interval``; expiry,
-delay warnings, lease recovery and the retention of finished messages every
-``housekeeping_interval``).
+Start-up: migrate the queue schema, join the nodes sharing the queue (give back
+the leases this node's name left behind after a crash, register, first
+heartbeat: `backupmx.deliver.membership`), start the group-commit writer, bind
+the listeners, start the heartbeat, the deliverer and the scheduled jobs (probes
+every ``probe_interval``; expiry, delay warnings and the retention of finished
+messages every ``housekeeping_interval``).
 
 SIGHUP reloads the configuration file (domains, limits, TLS certificate,
 per-domain delivery settings); a file with errors is refused and the running
-configuration kept.  SIGTERM/SIGINT drain the listener, stop the deliverer, give
-back its leases and close the store, so nothing is left half-written
-(docs/contracts.md#signals-and-systemd).
+configuration kept.  SIGTERM/SIGINT drain the listener, stop the deliverer and
+the heartbeat, give back this node's leases, mark it stopped and close the store,
+so nothing is left half-written (docs/contracts.md#signals-and-systemd).
 
 Under systemd (``Type=notify``): READY=1 once the schema is migrated, the
 listeners are bound and the signal handlers are in place; STATUS= with the queue
@@ -23,6 +24,9 @@ same loop until the store closes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
+import os
 import signal
 import socket
 import time
@@ -40,6 +44,7 @@ from backupmx.bounce.notices import Notices
 from backupmx.deliver.callout import PrimaryCallout
 from backupmx.deliver.client import Timeouts
 from backupmx.deliver.deliverer import Deliverer, DeliverySettings
+from backupmx.deliver.membership import Membership
 from backupmx.deliver.pacer import Pacers
 from backupmx.deliver.primaries import DomainPolicy, Primaries
 from backupmx.deliver.route import Identity, local_addresses
@@ -48,6 +53,7 @@ from backupmx.mail.domains import DomainNames
 from backupmx.mail.hosts import parse_host_port
 from backupmx.notify import Notifier
 from backupmx.queue.database import safe_url, upgrade
+from backupmx.queue.nodes import NodeReport
 from backupmx.queue.records import NewMessage, Overdue, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
@@ -64,8 +70,20 @@ log = structlog.get_logger("backupmx")
 
 
 def node_name(hostname: str) -> str:
-    """This process's lease owner name: stable per host, so a restart reclaims its own leases."""
-    return f"{socket.gethostname()}:{hostname}"
+    """This process's node and lease owner name: stable per machine and configured
+    hostname, so a restart gives back its own leases at once; at most 64 characters
+    (the column), a digest standing for what does not fit."""
+    name = f"{socket.gethostname()}:{hostname}"
+    if len(name) <= 64:
+        return name
+    return name[:51] + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("backupmx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class JobExecutor(AsyncIOExecutor):  # type: ignore[misc]
@@ -127,7 +145,32 @@ class App:
             tls=entry.tls or delivery.tls,
         )
 
-    def primaries(self) -> Primaries:
+    def membership(self, deliverer: Callable[[], Deliverer | None]) -> Membership:
+        """This node among those sharing the queue; its heartbeat reports the `deliverer`'s
+        counters once there is one."""
+        config = self.config
+        name = node_name(config.hostname)
+        membership: Membership
+
+        def describe() -> NodeReport:
+            running = deliverer()
+            in_flight = running.in_flight if running else 0
+            delivered = running.delivered if running else 0
+            return NodeReport(
+                name,
+                socket.gethostname(),
+                version(),
+                ", ".join(str(a) for a in config.listen_addresses()),
+                os.getpid(),
+                in_flight,
+                delivered,
+                membership.delivery_rate(delivered),
+            )
+
+        membership = Membership(self.store, name, config.delivery.lease, describe)
+        return membership
+
+    def primaries(self, membership: Membership) -> Primaries:
         config = self.config
         resolver = Resolver(
             [parse_host_port(n, default_port=53) for n in config.dns.nameservers],
@@ -144,6 +187,7 @@ class App:
             config.delivery.port,
             config.hostname,
             self.timeouts(),
+            membership,
         )
 
     def timeouts(self) -> Timeouts:
@@ -155,7 +199,7 @@ class App:
             delivery.data_timeout,
         )
 
-    def deliverer(self, primaries: Primaries) -> Deliverer:
+    def deliverer(self, primaries: Primaries, membership: Membership) -> Deliverer:
         delivery = self.config.delivery
         settings = DeliverySettings(
             helo=self.config.hostname,
@@ -179,15 +223,15 @@ class App:
             pacers,
             self.notices.for_results,
             settings,
-            node_name(self.config.hostname),
+            membership,
         )
 
     async def housekeeping(self) -> None:
-        """Lease recovery, expiry with DSNs, delay warnings, and the retention of finished
-        messages and of other destinations' domain rows (every ``housekeeping_interval``)."""
+        """Expiry with DSNs, delay warnings, and the retention of finished messages and of
+        other destinations' domain rows (every ``housekeeping_interval``).  Leases are
+        the heartbeat's (`backupmx.deliver.membership`)."""
         delivery = self.config.delivery
         now = utcnow()
-        await self.store.release_expired_leases(now)
         expired = await self._sweep_all(
             Event.EXPIRE, self._expired, expires_before(now, delivery.max_queue_lifetime)
         )
@@ -247,15 +291,19 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
     endpoint: metrics.Endpoint | None = None
     try:
         await upgrade(store.engine)
-        owner = node_name(config.hostname)
-        released = await store.release_leases(owner)
-        if released:
-            log.info("leases_reclaimed", recipients=released)
-        await store.start()
         app = App(config, store)
-        primaries = app.primaries()
-        deliverer = app.deliverer(primaries)
+        running: list[Deliverer] = []
+        membership = app.membership(lambda: running[0] if running else None)
+        await membership.join()
+        await store.start()
+        primaries = app.primaries(membership)
+        deliverer = app.deliverer(primaries, membership)
+        running.append(deliverer)
         primaries.on_up = deliverer.wake
+        membership.on_lapse = deliverer.lapse
+        membership.before_give_back = deliverer.record_unrecorded
+        membership.on_taken_over = deliverer.wake
+        membership.on_live = lambda count: _spawn_share(deliverer, count)
 
         async def etrn(domain: str) -> int:
             due = await store.make_due(domain=domain, retry_down=True)
@@ -313,7 +361,10 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
                 coalesce=True,
             )
         scheduler.start()
-        delivering = asyncio.get_running_loop().create_task(deliverer.run(), name="deliverer")
+        heartbeat = asyncio.get_running_loop().create_task(membership.run(), name="heartbeat")
+        delivering = asyncio.get_running_loop().create_task(
+            _deliver_once_counted(membership, deliverer), name="deliverer"
+        )
         watchdog = asyncio.get_running_loop().create_task(notifier.run_watchdog(), name="watchdog")
         log.info(
             "started",
@@ -342,13 +393,24 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         delivering.cancel()
         watchdog.cancel()
         await asyncio.gather(delivering, watchdog, return_exceptions=True)
-        await store.release_leases(owner)
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
+        await membership.leave()
         log.info("stopped")
     finally:
         if endpoint is not None:
             await endpoint.close()
         await store.close()
         notifier.close()
+
+
+async def _deliver_once_counted(membership: Membership, deliverer: Deliverer) -> None:
+    await membership.counted()
+    await deliverer.run()
+
+
+def _spawn_share(deliverer: Deliverer, nodes: int) -> None:
+    asyncio.get_running_loop().create_task(deliverer.share(nodes))
 
 
 async def _run_until_stopped(

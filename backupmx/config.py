@@ -164,7 +164,10 @@ class Delivery:
     greeting_timeout: Annotated[float, Duration] = 300.0
     command_timeout: Annotated[float, Duration] = 300.0  # Postfix's smtp_*_timeout
     data_timeout: Annotated[float, Duration] = 600.0  # Postfix's smtp_data_done_timeout
-    lease: Annotated[float, Duration] = 600.0  # how long a claimed recipient is ours
+    # A node whose heartbeat (every lease/6) is older than this is dead, and any live
+    # node sharing the queue gives its recipients back (backupmx.deliver.membership).
+    # The same on every node of a cluster.  Read at start-up only.
+    lease: Annotated[float, Duration] = 30.0
     tls: Literal["may", "verify"] = "may"  # opportunistic STARTTLS, or a valid certificate
     ca_file: str = ""  # CA bundle for tls = "verify"; empty: the system's
     # Recipients claimed and not yet recorded, per node: the deliverer's whole
@@ -172,10 +175,11 @@ class Delivery:
     # bounds memory during a flush, and how much one node takes from a shared queue.
     # These three are read at start-up only.
     max_recipients_in_flight: int = 2000
-    # Recipients leased by one claim query.  Smaller batches start a flush sooner and
-    # leave more to the other nodes; larger ones mean fewer queries.
-    claim_batch: int = 500
-    # How often lease recovery, expiry, delay warnings and the recipient-verification
+    # Recipients leased by one claim query, at most; a node claims again once no more
+    # than half a batch waits for a connection.  Smaller batches leave more of a
+    # backlog to the other nodes; larger ones mean fewer queries.
+    claim_batch: int = 100
+    # How often expiry, delay warnings and the recipient-verification
     # cache's upkeep run.  Expiry and warnings are late by at most this much.
     housekeeping_interval: Annotated[float, Duration] = 60.0
 
@@ -547,6 +551,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("delivery.max_recipients_in_flight", "must be at least 1")
     if config.delivery.claim_batch < 1:
         raise ConfigError("delivery.claim_batch", "must be at least 1")
+    if config.delivery.lease < 1:
+        raise ConfigError("delivery.lease", "must be at least 1s")
     if config.delivery.housekeeping_interval < 1:
         raise ConfigError("delivery.housekeeping_interval", "must be at least 1s")
     if config.queue.keep_finished < 2 * config.delivery.housekeeping_interval:

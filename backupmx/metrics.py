@@ -177,6 +177,21 @@ LISTENER_UP = Gauge(
     "1 while the SMTP listener is bound and accepting, 0 while draining",
     registry=REGISTRY,
 )
+NODES_LIVE = Gauge(
+    "backupmx_nodes_live",
+    "Nodes sharing the queue whose heartbeat is within the lease, this one included",
+    registry=REGISTRY,
+)
+FENCE_UP = Gauge(
+    "backupmx_fence_up",
+    "1 while this node's last heartbeat is recent enough for it to send, 0 after a lapse",
+    registry=REGISTRY,
+)
+LEASES_TAKEN_OVER = Counter(
+    "backupmx_leases_taken_over_total",
+    "Recipients this node gave back to the queue from nodes it found dead",
+    registry=REGISTRY,
+)
 
 
 class FootprintGauges:
@@ -259,6 +274,12 @@ def message_answered(reply: str, data_ended: float) -> None:
         ACCEPT_LATENCY.observe(time.monotonic() - data_ended)
     else:
         MESSAGES_REJECTED.labels(reason(reply)).inc()
+
+
+def heartbeat(live: int, fence: bool, taken_over: int) -> None:
+    NODES_LIVE.set(live)
+    FENCE_UP.set(1 if fence else 0)
+    LEASES_TAKEN_OVER.inc(taken_over)
 
 
 def message_sent(started: float) -> None:

@@ -336,16 +336,16 @@ async def claim_cost(queued: int) -> ClaimCost:
                 )  # fmt: skip
         engine.dispose()
         inserted = time.monotonic() - started
-        await store.claim("bench", CLAIM_BATCH, timedelta(minutes=10))  # warm-up
-        await store.release_leases("bench")
+        await store.claim("bench", CLAIM_BATCH)  # warm-up
+        await store.give_back_leases("bench")
         times = []
         for _ in range(CLAIM_REPEATS):
             before = time.perf_counter()
-            claims = await store.claim("bench", CLAIM_BATCH, timedelta(minutes=10))
+            claims = await store.claim("bench", CLAIM_BATCH)
             times.append((time.perf_counter() - before) * 1000)
             if len(claims) != CLAIM_BATCH:
                 raise ServerError(f"claimed {len(claims)} of {CLAIM_BATCH}")
-            await store.release_leases("bench")  # the same queue for the next claim
+            await store.give_back_leases("bench")  # the same queue for the next claim
         return ClaimCost(queued, inserted, statistics.median(times), max(times))
     finally:
         await store.close()

@@ -2,7 +2,8 @@
 
 `domains` lists every configured domain and every domain with mail in the
 queue: the route in use, the primary's state (up/down/unknown) and since when,
-the last probe, queued and held counts, and the age of the oldest message.
+the last probe, queued and held counts, the age of the oldest message, and
+which live nodes last reached the primary (each node keeps its own view).
 `probe` resolves a domain's route as the deliverer would (after self-pruning)
 and tries an EHLO on each host, with timings; a host that answers marks the
 domain up and makes its queued mail due, as a scheduled probe would.
@@ -11,11 +12,11 @@ domain up and makes its queued mail due, as a scheduled probe would.
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backupmx.cli.queue import _age, _json, open_store, table
-from backupmx.cli.status import domain_lines
+from backupmx.cli.status import domain_lines, primary_reach
 from backupmx.config import Config
 from backupmx.mail.domains import normalize_domain
 from backupmx.queue.state import PrimaryState
@@ -34,10 +35,11 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
     try:
         states = await store.domain_states()
         stats = await store.stats()
+        views = await primary_reach(store, config)
     finally:
         await store.close()
     rows: list[dict[str, Any]] = []
-    for line in domain_lines(config, states, stats, datetime.now(UTC)):
+    for line in domain_lines(config, states, stats, views, datetime.now(UTC)):
         state = states.get(line.name)
         rows.append(
             {
@@ -56,7 +58,16 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
         return 0
     print(
         table(
-            ["DOMAIN", "PRIMARY", "SINCE", "QUEUED", "HELD", "OLDEST", "ROUTE / REASON"],
+            [
+                "DOMAIN",
+                "PRIMARY",
+                "SINCE",
+                "QUEUED",
+                "HELD",
+                "OLDEST",
+                "REACHED BY",
+                "ROUTE / REASON",
+            ],
             [
                 [
                     r["domain"],
@@ -65,6 +76,7 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
                     str(r["queued"]),
                     str(r["held"]),
                     _age(_parse(r["oldest_received_at"])) if r["oldest_received_at"] else "-",
+                    ",".join(r["reached_by"]) or "-",
                     (r["reason"] or r["route"] or "")
                     if r["state"] != PrimaryState.UP
                     else (r["route"] or ""),
@@ -85,8 +97,11 @@ async def run_probe(args: argparse.Namespace, config: Config) -> int:
     domain = normalize_domain(args.domain)
     store = await open_store(config.database)
     try:
-        primaries = App(config, store).primaries()
-        route, tries = await primaries.probe(domain)
+        app = App(config, store)
+        # The probe speaks for the node on this machine (the same name as its serve).
+        membership = app.membership(lambda: None)
+        membership.live = await store.live_nodes(timedelta(seconds=config.delivery.lease))
+        route, tries = await app.primaries(membership).probe(domain)
     finally:
         await store.close()
     up = any(result.startswith("ok") for _, result, _ in tries)

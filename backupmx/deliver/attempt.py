@@ -149,4 +149,10 @@ def result(claim: Claim, outcome: Outcome, retry_at: datetime) -> Result:
     time only for a deferral."""
     event = VERDICT_EVENTS[outcome.verdict]
     error = None if event is Event.SUCCESS else outcome.diagnostic
-    return Result(claim.recipient_id, event, error, retry_at if event is Event.TEMPFAIL else None)
+    return Result(
+        claim.recipient_id,
+        event,
+        error,
+        retry_at if event is Event.TEMPFAIL else None,
+        claim.attempts,
+    )

@@ -3,11 +3,15 @@
 Theory of operation (the layers of docs/delivering.md#the-delivery-loop, each owning
 one concern):
 
-1. `Deliverer.run` claims due recipients under a lease (several nodes may share
-   the queue), ``claim_batch`` at a time, while fewer than
-   ``max_recipients_in_flight`` are being worked on, and wakes at once
-   when a primary comes back, a flush is asked for, or ETRN arrives; otherwise it
-   polls every `POLL_SECONDS`, so a CLI flush is picked up within a second.
+1. `Deliverer.run` claims due recipients under this node's lease (several nodes
+   may share the queue: `backupmx.deliver.membership`), at most ``claim_batch``
+   at a time, and only while its fence holds, fewer than
+   ``max_recipients_in_flight`` are being worked on, and at most half a batch is
+   waiting for a connection slot: a node takes what its connections can start
+   on soon, in small batches, and leaves the rest of a backlog to the others.
+   It wakes at once when a primary comes back, a flush is asked for, ETRN
+   arrives or a dead node's work is given back; otherwise it polls every
+   `POLL_SECONDS`, so a CLI flush is picked up within a second.
 2. Claims are grouped by domain (one route each, from `Primaries`) and then by
    message: each message is sent once per destination with all its recipients.
 3. A route's hosts are tried in order; for each, the host's `HostPacer` grants a
@@ -21,9 +25,11 @@ What each step's outcome means for the recipients (no route, a dead destination,
 no host reachable, the pacer's feedback, the rows for the store) is decided by the
 pure functions of `attempt.py`; this module does the waiting and the I/O.
 
-Invariants kept here: a recipient is recorded only by the lease owner; a
-delivered recipient is never sent again (partial results are recorded per
-recipient); no route ever includes this host (`route.plan` prunes it).
+Invariants kept here: a message is sent only while this node's fence holds for
+the claim (checked right before each send), and a recipient is recorded only by
+its lease owner, under the same claim (the store checks); a delivered recipient
+is never sent again (partial results are recorded per recipient); no route ever
+includes this host (`route.plan` prunes it).
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ from backupmx.deliver.attempt import (
     without_route,
 )
 from backupmx.deliver.client import ConnectFailed, PrimaryConnection, Target, Timeouts, connect
+from backupmx.deliver.membership import Membership
 from backupmx.deliver.pacer import HostPacer, Pacers
 from backupmx.deliver.primaries import Primaries, target
-from backupmx.deliver.route import Defer, RoutePlan
-from backupmx.mail.reply import Outcome, deferred
+from backupmx.deliver.route import Defer, Route, RoutePlan
+from backupmx.mail.reply import Outcome, Verdict, deferred
 from backupmx.queue.records import Claim, NewMessage, Outbound, Result, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
@@ -101,20 +108,30 @@ class Deliverer:
         pacers: Pacers,
         notices: ResultNotices,
         settings: DeliverySettings,
-        owner: str,
+        membership: Membership,
     ) -> None:
         self.store = store
         self.primaries = primaries
         self.pacers = pacers
         self.notices = notices
         self.settings = settings
-        self.owner = owner
+        self.membership = membership
+        self.owner = membership.name
+        self.delivered = 0  # messages delivered (to at least one recipient) since start
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
-        self._in_flight = 0
+        self._in_flight = 0  # recipients claimed and not yet recorded
+        self._sending = 0  # of those, recipients whose message holds a connection slot
+        # Results the database could not take when they came (`_store`), for later.
+        self._unrecorded: list[tuple[Sequence[Result], Sequence[NewMessage]]] = []
+        self._recording_late = asyncio.Lock()
         self._idle: dict[Target, list[tuple[float, PrimaryConnection]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     def wake(self, _reason: str = "") -> None:
         self._wake.set()
@@ -122,16 +139,24 @@ class Deliverer:
     async def run(self) -> None:
         try:
             while True:
-                await self._wait_for_room()
+                await self.record_unrecorded()
+                if not await self._room_to_claim():
+                    await self._close_idle()
+                    continue
                 claimed_at = time.monotonic()
-                claims = await self.store.claim(
-                    self.owner,
-                    min(
-                        self.settings.claim_batch,
-                        self.settings.max_recipients_in_flight - self._in_flight,
-                    ),
-                    timedelta(seconds=self.settings.lease),
-                )
+                epoch = self.membership.epoch
+                try:
+                    claims = await self.store.claim(
+                        self.owner,
+                        min(
+                            self.settings.claim_batch,
+                            self.settings.max_recipients_in_flight - self._in_flight,
+                        ),
+                    )
+                except Exception as error:  # the database restarts, fails over: try again
+                    log.warning("claim_failed", error=str(error))
+                    await asyncio.sleep(POLL_SECONDS)
+                    continue
                 if not claims:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -144,9 +169,25 @@ class Deliverer:
                     by_domain[claim.domain].append(claim)
                 for domain, group in by_domain.items():
                     self.primaries.claimed(domain)
-                    self._spawn(self._deliver_domain(domain, group, claimed_at))
+                    self._spawn(self._deliver_domain(domain, group, claimed_at, epoch))
         finally:
             await self.stop()
+
+    def lapse(self) -> None:
+        """This node's fence fell: cancel every delivery in progress.  Their recipients
+        stay ``sending`` under this node's name until its next heartbeat gives them
+        back, or another node takes them over."""
+        for task in list(self._tasks):
+            task.cancel()
+        idle, self._idle = self._idle, defaultdict(list)
+        for connections in idle.values():
+            for _, connection in connections:
+                connection.smtp.close()  # not a session more at the primary than we use
+
+    async def share(self, nodes: int) -> None:
+        """`nodes` live nodes now share each primary host's budget."""
+        self.pacers.share(nodes)
+        await self._close_idle()
 
     async def stop(self) -> None:
         """Cancel work in progress (its leases are given back by the app) and close connections."""
@@ -163,11 +204,26 @@ class Deliverer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _wait_for_room(self) -> None:
+    async def _room_to_claim(self) -> bool:
+        """Wait (up to `POLL_SECONDS`: the fence is a matter of time) until this node may
+        claim more; False if it may not yet."""
         async with self._room:
-            await self._room.wait_for(
-                lambda: self._in_flight < self.settings.max_recipients_in_flight
-            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait_for(self._may_claim), POLL_SECONDS)
+            return self._may_claim()
+
+    def _may_claim(self) -> bool:
+        waiting = self._in_flight - self._sending
+        return (
+            self._in_flight < self.settings.max_recipients_in_flight
+            and waiting <= self.settings.claim_batch // 2
+            and self.membership.holds()
+        )
+
+    async def _slot_taken(self, count: int) -> None:
+        async with self._room:
+            self._sending += count
+            self._room.notify_all()
 
     async def _done(self, count: int) -> None:
         async with self._room:
@@ -176,13 +232,15 @@ class Deliverer:
 
     # ------------------------------------------------------------------ one domain
 
-    async def _deliver_domain(self, domain: str, claims: list[Claim], claimed_at: float) -> None:
+    async def _deliver_domain(
+        self, domain: str, claims: list[Claim], claimed_at: float, epoch: int
+    ) -> None:
         try:
             route = await self.primaries.route(domain)
             if not isinstance(route, RoutePlan):
                 outcome = without_route(route)
                 if isinstance(route, Defer):  # a bounce says nothing of the primary
-                    await self.primaries.observed(domain, False, route.reason, route)
+                    await self._observed(domain, False, route.reason, route)
                 messages = await self.store.outbound({c.message_id for c in claims})
                 await self._record_grouped(messages, claims, [outcome] * len(claims), None, True)
                 return
@@ -193,7 +251,7 @@ class Deliverer:
             # A message deleted by an admin since the claim has no recipients left to send.
             await asyncio.gather(
                 *(
-                    self._deliver_message(domain, route, messages[mid], group, claimed_at)
+                    self._deliver_message(domain, route, messages[mid], group, claimed_at, epoch)
                     for mid, group in by_message.items()
                     if mid in messages
                 )
@@ -203,12 +261,12 @@ class Deliverer:
             # every claim of this group touches only those still in flight.
             log.exception("delivery_failed", domain=domain, error=str(error))
             later = utcnow() + timedelta(seconds=self.settings.retry_min)
-            await self.store.record(
-                self.owner,
+            await self._store(
                 [
-                    Result(c.recipient_id, Event.TEMPFAIL, f"internal error: {error}", later)
+                    Result(c.recipient_id, Event.TEMPFAIL, f"internal: {error}", later, c.attempts)
                     for c in claims
                 ],
+                [],
             )
         finally:
             await self._done(len(claims))
@@ -220,6 +278,7 @@ class Deliverer:
         message: Outbound,
         claims: list[Claim],
         claimed_at: float,
+        epoch: int,
     ) -> None:
         waited = dead_destination(self.primaries.down_since(domain), claimed_at)
         if waited is not None:
@@ -232,24 +291,46 @@ class Deliverer:
             where = target(hop)
             pacer = self.pacers[where.address]
             async with pacer.slot():
+                await self._slot_taken(len(claims))
                 try:
-                    connection = await self._connection(where, tls)
-                except ConnectFailed as error:
-                    pacer.congestion()
-                    failures.append(str(error))
-                    continue
-                await pacer.message_token()
-                sending = metrics.clock()
-                report = await connection.send(message, claims, hold)
-                metrics.message_sent(sending)
-                self._feedback(pacer, report)
-                await self._release(connection, report)
+                    try:
+                        connection = await self._connection(where, tls)
+                    except ConnectFailed as error:
+                        pacer.congestion()
+                        failures.append(str(error))
+                        continue
+                    await pacer.message_token()
+                    if not self.membership.holds(epoch):
+                        # Another node may have these recipients by now: not a byte more.
+                        log.warning("send_abandoned", queue_id=message.id, reason="fence lost")
+                        await connection.close()
+                        return
+                    sending = metrics.clock()
+                    try:
+                        report = await connection.send(message, claims, hold)
+                    except asyncio.CancelledError:
+                        connection.smtp.close()  # the fence fell: the reply is not waited for
+                        raise
+                    metrics.message_sent(sending)
+                    self._feedback(pacer, report)
+                    await self._release(connection, report, pacer)
+                finally:
+                    await self._slot_taken(-len(claims))
             await self._record(message, claims, report.outcomes, where, report.dsn_supported)
-            await self.primaries.observed(domain, True, f"delivery via {where}", route)
+            await self._observed(domain, True, f"delivery via {where}", route)
             return
         reason = unreachable(failures)
         await self._record(message, claims, [deferred(reason)] * len(claims), None, True)
-        await self.primaries.observed(domain, False, reason, route)
+        await self._observed(domain, False, reason, route)
+
+    async def _observed(self, domain: str, up: bool, detail: str, route: Route) -> None:
+        """Tell `Primaries` what a delivery saw.  The results are recorded by then, so a
+        database that cannot take the domain's state must not turn them into an error
+        of the whole group (the next delivery or probe writes the state)."""
+        try:
+            await self.primaries.observed(domain, up, detail, route)
+        except Exception as error:
+            log.warning("primary_state_unwritten", domain=domain, error=str(error))
 
     @staticmethod
     def _feedback(pacer: HostPacer, report: SendReport) -> None:
@@ -269,19 +350,29 @@ class Deliverer:
             where, self.settings.helo, tls, self.settings.ca_file, self.settings.timeouts
         )
 
-    async def _release(self, connection: PrimaryConnection, report: SendReport) -> None:
-        if keeps_connection(report, connection.sent, self.settings.messages_per_connection):
-            self._idle[connection.target].append((asyncio.get_running_loop().time(), connection))
+    async def _release(
+        self, connection: PrimaryConnection, report: SendReport, pacer: HostPacer
+    ) -> None:
+        idle = self._idle[connection.target]
+        if keeps_connection(
+            report, connection.sent, self.settings.messages_per_connection
+        ) and pacer.keeps_idle(len(idle)):
+            idle.append((asyncio.get_running_loop().time(), connection))
         else:
             await connection.close()
 
     async def _close_idle(self) -> None:
+        """Close connections idle for `IDLE_CONNECTION_SECONDS`, and those beyond their
+        host's free slots (a smaller share of the budget)."""
         now = asyncio.get_running_loop().time()
         for where, connections in list(self._idle.items()):
-            keep = [(t, c) for t, c in connections if now - t < IDLE_CONNECTION_SECONDS]
-            for t, connection in connections:
-                if now - t >= IDLE_CONNECTION_SECONDS:
-                    await connection.close()
+            pacer = self.pacers[where.address]
+            room = max(pacer.limit - pacer.active, 0)
+            fresh = [(t, c) for t, c in connections if now - t < IDLE_CONNECTION_SECONDS]
+            keep = fresh[-room:] if room else []
+            for entry in connections:
+                if entry not in keep:
+                    await entry[1].close()
             if keep:
                 self._idle[where] = keep
             else:  # one entry per host in use, not per host ever used (DSNs go anywhere)
@@ -321,6 +412,8 @@ class Deliverer:
             utcnow(), claims, self.settings.retry_min, self.settings.retry_max, self._rng
         )
         results = []
+        if any(o.verdict is Verdict.DELIVERED for o in outcomes):
+            self.delivered += 1
         for claim, outcome in zip(claims, outcomes, strict=True):
             results.append(result(claim, outcome, retry_at))
             metrics.recipient_result(claim.domain, outcome.verdict.value, message.received_at)
@@ -332,4 +425,33 @@ class Deliverer:
                 reply=outcome.diagnostic,
             )
         notices = self.notices(message, claims, outcomes, where, dsn_supported)
-        await self.store.record(self.owner, results, notices)
+        await self._store(results, notices)
+
+    async def _store(self, results: Sequence[Result], notices: Sequence[NewMessage]) -> None:
+        """Record results with their DSNs; if the database cannot take them now (a
+        restart, a fail-over), keep them and record them before claiming again: a
+        delivered recipient given back to the queue would be sent twice.  They stay
+        ``sending`` under this node's name meanwhile, which no other node takes over
+        while this node's heartbeat lives."""
+        try:
+            await self.store.record(self.owner, results, notices)
+        except Exception as error:
+            log.warning("results_unrecorded", recipients=len(results), error=str(error))
+            self._unrecorded.append((results, notices))
+
+    async def record_unrecorded(self) -> None:
+        """Record the results kept while the database was out of reach, oldest first;
+        stop at the first failure (the rest wait for the next try)."""
+        async with self._recording_late:
+            await self._record_unrecorded()
+
+    async def _record_unrecorded(self) -> None:
+        while self._unrecorded:
+            results, notices = self._unrecorded[0]
+            try:
+                await self.store.record(self.owner, results, notices)
+            except Exception as error:
+                log.warning("results_unrecorded", recipients=len(results), error=str(error))
+                return
+            self._unrecorded.pop(0)
+            log.info("results_recorded_late", recipients=len(results))

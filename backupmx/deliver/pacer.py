@@ -8,6 +8,13 @@ never exceeds ``max_connections_per_host``, so a primary that just came back
 sees a ramp, not a stampede of every held message at once.  A token bucket caps
 messages per second (0: no cap).
 
+Several nodes sharing the queue share each host's budget: with ``live`` nodes,
+each node's pacers allow ``max_connections_per_host // live`` connections (at
+least one) and ``1/live`` of the rate, and start from ``1/live`` of the initial
+window (`Pacers.share`, fed by `backupmx.deliver.membership`), so the primary
+sees the cluster's limits.  Connections kept open between messages count: a
+host's idle connections never outnumber its free slots (`HostPacer.keeps_idle`).
+
 A pacer lives while its host is in use, and afterwards among the `MAX_PACED_HOSTS`
 most recently used; an older idle one is forgotten, and its host starts again from
 the initial window, as a host never seen.
@@ -34,7 +41,7 @@ MAX_PACED_HOSTS = 1000
 
 
 class HostPacer:
-    def __init__(self, host: str, initial: int, maximum: int, rate: int) -> None:
+    def __init__(self, host: str, initial: int, maximum: int, rate: float) -> None:
         self.host = host
         self.maximum = max(maximum, 1)
         self.window = float(min(max(initial, 1), self.maximum))
@@ -81,6 +88,22 @@ class HostPacer:
                 return
             await asyncio.sleep((1 - self._tokens) / self.rate)
 
+    def keeps_idle(self, idle: int) -> bool:
+        """Whether a connection whose message is done may stay open for the next one,
+        with `idle` others of this host already waiting: open connections (busy and
+        idle) stay within the window."""
+        return self.active - 1 + idle < self.limit
+
+    def limit_to(self, maximum: int, rate: float) -> None:
+        """A new share of the host's budget (nodes joined or left the cluster)."""
+        self.maximum = max(maximum, 1)
+        self.rate = rate
+        self._tokens = min(self._tokens, float(rate))
+        if self.window > self.maximum:
+            self._set(float(self.maximum))
+        elif int(self.window) < self.maximum:
+            asyncio.get_running_loop().create_task(self._wake())
+
     def success(self) -> None:
         self._set(min(self.window + 1 / self.window, float(self.maximum)))
 
@@ -105,16 +128,33 @@ class Pacers:
     `MAX_PACED_HOSTS` of them, and those of the hosts in use."""
 
     def __init__(self, initial: int, maximum: int, rate: int) -> None:
-        self._settings = (initial, maximum, rate)
+        self._budget = (initial, maximum, rate)  # the cluster's, per host
+        self._nodes = 1
         self._by_host: dict[str, HostPacer] = {}  # least recently used first
 
     def __getitem__(self, host: str) -> HostPacer:
         pacer = self._by_host.pop(host, None)
         if pacer is None:
             self._forget_idle()
-            pacer = HostPacer(host, *self._settings)
+            initial, maximum, rate = self._share()
+            pacer = HostPacer(host, initial, maximum, rate)
         self._by_host[host] = pacer
         return pacer
+
+    def share(self, nodes: int) -> None:
+        """`nodes` live nodes share each host's budget from now on."""
+        nodes = max(nodes, 1)
+        if nodes == self._nodes:
+            return
+        self._nodes = nodes
+        _, maximum, rate = self._share()
+        log.info("pacer_share", nodes=nodes, connections_per_host=maximum, rate_per_host=rate)
+        for pacer in self._by_host.values():
+            pacer.limit_to(maximum, rate)
+
+    def _share(self) -> tuple[int, int, float]:
+        initial, maximum, rate = self._budget
+        return max(initial // self._nodes, 1), max(maximum // self._nodes, 1), rate / self._nodes
 
     def _forget_idle(self) -> None:
         """Make room for one more pacer: the least recently used idle ones go."""

@@ -12,7 +12,10 @@ Promises:
   (``greeting_timeout``, RFC 5321 §4.5.3.2.1), and one that does never holds up
   the other domains' probes; its domain is probed again once that probe ends.
 * State is written to the ``domains`` table, so ``backupmx domains`` and every
-  node sharing the queue see it.
+  node sharing the queue see it.  What this node sees is its own view
+  (``primary_views``); the shared state is up while any live node reaches the
+  primary (`backupmx.queue.domains.Domains.set_domain_state`), and this node
+  leaves alone the mail of a domain it cannot reach itself.
 
 The state follows the table of `backupmx.queue.state` (`PRIMARY_TRANSITIONS`);
 what this process remembers of each domain (the state it last wrote, since when
@@ -40,6 +43,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from backupmx.deliver.client import ConnectFailed, Target, Timeouts, connect
+from backupmx.deliver.membership import Membership
 from backupmx.deliver.route import Bounce, Hop, Identity, Route, RoutePlan, plan
 from backupmx.queue.records import utcnow
 from backupmx.queue.state import PrimaryEvent, PrimaryState, next_primary_state, primary_target
@@ -111,8 +115,10 @@ class Primaries:
         port: int,
         helo: str,
         timeouts: Timeouts,
+        membership: Membership,
     ) -> None:
         self.store = store
+        self.membership = membership
         self.resolver = resolver
         self.identity = identity
         self.policies = policies
@@ -189,6 +195,8 @@ class Primaries:
         changed = await self.store.set_domain_state(
             domain,
             state,
+            node=self.membership.name,
+            others=self.membership.others(),
             route=describe(route) if route is not None else None,
             reason="" if up else detail,
         )
@@ -238,7 +246,12 @@ class Primaries:
         """The scheduled job: start a probe for every domain with queued mail that has
         none in flight; it does not wait for them (see the module docstring)."""
         loop = asyncio.get_running_loop()
-        for domain in await self.store.pending_domains():
+        try:
+            pending = await self.store.pending_domains()
+        except Exception as error:  # the database restarts: the next round asks again
+            log.warning("probes_skipped", error=str(error))
+            return
+        for domain in pending:
             if domain not in self._probing:
                 self._probing[domain] = loop.create_task(
                     self._probe_in_flight(domain), name=f"probe {domain}"
@@ -266,16 +279,17 @@ class Primaries:
         if isinstance(route, Bounce):
             # Nothing to wait for: the deliverer bounces the domain's mail at once.
             await self.store.set_domain_state(
-                domain, primary_target(PrimaryEvent.NO_PRIMARY), route=describe(route),
-                reason=route.reason, probe_result=route.reason,
+                domain, primary_target(PrimaryEvent.NO_PRIMARY), node=self.membership.name,
+                route=describe(route), reason=route.reason, probe_result=route.reason,
             )  # fmt: skip
             await self.store.make_due(domain=domain, retry_down=True)
             self.on_up(domain)
             return route, tries
         if not isinstance(route, RoutePlan):
             await self.store.set_domain_state(
-                domain, primary_target(PrimaryEvent.UNREACHABLE), route=describe(route),
-                reason=route.reason, probe_result=route.reason,
+                domain, primary_target(PrimaryEvent.UNREACHABLE), node=self.membership.name,
+                others=self.membership.others(), route=describe(route), reason=route.reason,
+                probe_result=route.reason,
             )  # fmt: skip
             return route, tries
         for hop in route.hops:

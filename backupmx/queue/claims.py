@@ -7,9 +7,14 @@ Promises:
   ``FOR UPDATE SKIP LOCKED`` in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n
   FOR UPDATE SKIP LOCKED)`` can claim more than n rows), so several nodes can share
   one queue.  Only ``sending`` rows carry a lease.
-* A claimant that dies leaves ``sending`` rows whose lease runs out;
-  `release_expired_leases` puts them back, and a node starting again gives back
-  its own at once (`release_leases`).
+* A lease lasts as long as its owner's heartbeat (`backupmx.queue.nodes`): a
+  node that dies leaves ``sending`` rows that a live node gives back to the
+  queue once the dead node's heartbeat is older than the lease, and a node
+  gives back its own when it stops and when it starts again.  Each claim adds
+  one to ``attempts``, which tells this claim's result from a late result of an
+  earlier one (`backupmx.queue.results`).
+* A node does not claim the mail of a domain whose primary it cannot reach
+  itself (its ``primary_views`` row says down), though another node can.
 * Recipients of a domain whose primary is down are not claimed, and not touched
   either: the claim skips the domain (see `Claims.claim`).  `make_due` brings
   mail deferred by backoff forward (a primary that came back, an operator's
@@ -21,7 +26,7 @@ Every state change here is a transition of `backupmx.queue.state`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, union_all, update
@@ -29,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.domains import a_recipient_of_the_row
-from backupmx.queue.models import bodies, domains, messages, recipients
+from backupmx.queue.models import bodies, domains, messages, primary_views, recipients
 from backupmx.queue.records import Claim, Outbound, utcnow
 from backupmx.queue.state import (
     Event,
@@ -59,9 +64,7 @@ def outbound_record(row: Any) -> Outbound:
 
 
 class Claims(QueueDatabase):
-    async def claim(
-        self, owner: str, limit: int, lease: timedelta, now: datetime | None = None
-    ) -> list[Claim]:
+    async def claim(self, owner: str, limit: int, now: datetime | None = None) -> list[Claim]:
         """Lease up to `limit` due recipients, oldest due first.
 
         Recipients of a domain whose primary is known to be down are left alone: the
@@ -81,8 +84,17 @@ class Claims(QueueDatabase):
         """
         now = now or utcnow()
         due_here = a_recipient_of_the_row(sources(Event.CLAIM), recipients.c.next_attempt_at <= now)
+        unreachable_here = (
+            select(primary_views.c.node)
+            .where(
+                primary_views.c.domain == domains.c.name,
+                primary_views.c.node == owner,
+                primary_views.c.state == PrimaryState.DOWN,
+            )
+            .exists()
+        )
         open_and_due = select(domains.c.name).where(
-            domains.c.state != PrimaryState.DOWN, due_here.is_not(None)
+            domains.c.state != PrimaryState.DOWN, ~unreachable_here, due_here.is_not(None)
         )
         async with self.engine.begin() as conn:
             names = list((await conn.execute(open_and_due)).scalars())
@@ -103,7 +115,6 @@ class Claims(QueueDatabase):
             values = {
                 "state": target(Event.CLAIM),
                 "lease_owner": owner,
-                "lease_until": now + lease,
                 "attempts": recipients.c.attempts + 1,
                 "updated_at": now,
             }
@@ -154,7 +165,8 @@ class Claims(QueueDatabase):
     ) -> int:
         """Queued recipients (of a domain, of some messages, or all) become due now:
         a flush, an ETRN, or a primary that came back.  With `retry_down` (an
-        operator's flush), domains marked down are tried again too (RETRY)."""
+        operator's flush), domains marked down are tried again too (RETRY), in the
+        shared state and in every node's own view."""
         now = now or utcnow()
         if retry_down:
             async with self.engine.begin() as conn:
@@ -163,6 +175,15 @@ class Claims(QueueDatabase):
                     .where(
                         domains.c.state.in_(primary_sources(PrimaryEvent.RETRY)),
                         *([domains.c.name == domain] if domain else []),
+                    )
+                    .values(state=primary_target(PrimaryEvent.RETRY), since=now, updated_at=now)
+                )
+                # Every node's own view too, or a node that saw it down would not claim.
+                await conn.execute(
+                    update(primary_views)
+                    .where(
+                        primary_views.c.state.in_(primary_sources(PrimaryEvent.RETRY)),
+                        *([primary_views.c.domain == domain] if domain else []),
                     )
                     .values(state=primary_target(PrimaryEvent.RETRY), since=now, updated_at=now)
                 )
@@ -176,26 +197,6 @@ class Claims(QueueDatabase):
         async with self.engine.begin() as conn:
             outcome = await conn.execute(
                 update(recipients).where(*condition).values(next_attempt_at=now, updated_at=now)
-            )
-        return outcome.rowcount
-
-    async def release_expired_leases(self, now: datetime | None = None) -> int:
-        """sending rows whose lease ran out (their worker died) become queued again."""
-        now = now or utcnow()
-        return await self._lease_expired(recipients.c.lease_until < now, now)
-
-    async def release_leases(self, owner: str, now: datetime | None = None) -> int:
-        """Give back every lease `owner` holds (clean shutdown, or start-up after a crash)."""
-        now = now or utcnow()
-        return await self._lease_expired(recipients.c.lease_owner == owner, now)
-
-    async def _lease_expired(self, condition: Any, now: datetime) -> int:
-        event = Event.LEASE_EXPIRED
-        async with self.engine.begin() as conn:
-            outcome = await conn.execute(
-                update(recipients)
-                .where(recipients.c.state.in_(sources(event)), condition)
-                .values(state=target(event), updated_at=now, lease_owner=None, lease_until=None)
             )
         return outcome.rowcount
 

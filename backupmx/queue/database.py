@@ -6,32 +6,41 @@ share the file, and ``BEGIN IMMEDIATE`` for every transaction, because Python's
 sqlite3 does not begin before a SELECT and a deferred transaction that later
 writes can fail with SQLITE_BUSY half-way.
 
-PostgreSQL: psycopg 3, default (durable) commit.
+PostgreSQL: psycopg 3, default (durable) commit; a session idle in a transaction
+for `IDLE_IN_TRANSACTION_MS` is ended by the server (a stopped node's locks).
 
 `storage_full` recognises "disk full" on both backends, so that the receiver
 can answer ``452 4.3.1`` instead of the generic ``451 4.3.0``.
 
 `QueueDatabase` is what the store's role files (`backupmx.queue.store`) share:
-the engine, its backend's name, and the check that queue ids exist.
+the engine, its backend's name, the clock the nodes agree on, and the check that
+queue ids exist.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from backupmx.queue.models import messages
-from backupmx.queue.records import UnknownMessage
+from backupmx.queue.records import UnknownMessage, utcnow
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg"}
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# A process stopped in the middle of a transaction (SIGSTOP, a frozen VM) would hold its
+# row locks for as long as it is stopped, and keep the other nodes from taking over its
+# work; PostgreSQL ends such a session after this long idle in a transaction.  No
+# transaction of ours waits on anything but the database between its statements.
+IDLE_IN_TRANSACTION_MS = 10_000
+POSTGRES_OPTIONS = {"options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
 
 
 def driver_url(url: str, drivers: dict[str, str]) -> str:
@@ -50,7 +59,9 @@ def open_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(full, pool_size=4, max_overflow=4)
         _setup_sqlite(engine.sync_engine)
         return engine
-    return create_async_engine(full, pool_size=8, max_overflow=8, pool_pre_ping=True)
+    return create_async_engine(
+        full, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=POSTGRES_OPTIONS
+    )
 
 
 def open_writer_engine(url: str) -> Engine:
@@ -61,7 +72,9 @@ def open_writer_engine(url: str) -> Engine:
         engine = create_engine(full, pool_size=1, max_overflow=0)
         _setup_sqlite(engine)
         return engine
-    return create_engine(full, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    return create_engine(
+        full, pool_size=1, max_overflow=0, pool_pre_ping=True, connect_args=POSTGRES_OPTIONS
+    )
 
 
 class QueueDatabase:
@@ -74,6 +87,14 @@ class QueueDatabase:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    async def database_now(self, conn: AsyncConnection) -> datetime:
+        """The clock every node agrees on: the database's on PostgreSQL (nodes whose own
+        clocks disagree still agree on whose heartbeat is too old); SQLite has one host."""
+        if self.dialect == "postgresql":
+            value: datetime = (await conn.execute(select(func.now()))).scalar_one()
+            return value
+        return utcnow()
 
     @staticmethod
     async def _require(conn: AsyncConnection, ids: Sequence[str]) -> None:

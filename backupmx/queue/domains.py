@@ -17,14 +17,15 @@ ever written to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ScalarSelect, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
-from backupmx.queue.models import domains, recipients
+from backupmx.queue.models import domains, primary_views, recipients
 from backupmx.queue.records import DomainState, utcnow
 from backupmx.queue.state import PENDING, PrimaryState, State
 
@@ -38,14 +39,28 @@ class Domains(QueueDatabase):
         name: str,
         state: PrimaryState | None = None,
         *,
+        node: str | None = None,
+        others: Sequence[str] = (),
         route: str | None = None,
         reason: str | None = None,
         probe_result: str | None = None,
         now: datetime | None = None,
     ) -> bool:
-        """Record what we know of a domain; return True if its state changed."""
+        """Record what we know of a domain; return True if its shared state changed.
+
+        With `node`, `state` is first that node's own view (``primary_views``).  The
+        shared state is up while any live node reaches the primary: a node that finds
+        it down leaves it up if one of the `others` (the other live nodes) last saw it
+        up, and keeps its own view, which stops it claiming the domain's mail
+        (`backupmx.queue.claims`).  So one node whose network is broken neither flips
+        the state nor holds the mail back, and the state goes down only when every
+        live node that tried has failed."""
         now = now or utcnow()
         async with self.engine.begin() as conn:
+            if state is not None and node is not None:
+                await _set_view(conn, name, node, state, reason, now)
+                if state is PrimaryState.DOWN and others and await _reached_by(conn, name, others):
+                    state, reason = PrimaryState.UP, None
             row = (await conn.execute(select(domains).where(domains.c.name == name))).first()
             values: dict[str, Any] = {"updated_at": now}
             if route is not None:
@@ -64,6 +79,16 @@ class Domains(QueueDatabase):
             else:
                 await conn.execute(update(domains).where(domains.c.name == name).values(values))
         return changed
+
+    async def primary_views(self, live: Sequence[str]) -> dict[str, dict[str, PrimaryState]]:
+        """Each domain's primary as each of the `live` nodes last saw it."""
+        query = select(primary_views).where(primary_views.c.node.in_(list(live)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        views: dict[str, dict[str, PrimaryState]] = {}
+        for row in rows:
+            views.setdefault(row.domain, {})[row.node] = PrimaryState(row.state)
+        return views
 
     async def domain_states(self) -> dict[str, DomainState]:
         async with self.engine.connect() as conn:
@@ -119,7 +144,43 @@ class Domains(QueueDatabase):
                     await conn.execute(text("LOCK TABLE domains IN SHARE ROW EXCLUSIVE MODE"))
                 result = await conn.execute(delete(domains).where(domains.c.name.in_(batch), quiet))
                 forgotten += result.rowcount
+                await conn.execute(
+                    delete(primary_views).where(
+                        primary_views.c.domain.in_(batch),
+                        primary_views.c.domain.not_in(select(domains.c.name)),
+                    )
+                )
         return forgotten
+
+
+async def _set_view(
+    conn: AsyncConnection,
+    domain: str,
+    node: str,
+    state: PrimaryState,
+    reason: str | None,
+    now: datetime,
+) -> None:
+    """This node's own view of the domain's primary (only this node writes its rows)."""
+    key = (primary_views.c.domain == domain, primary_views.c.node == node)
+    before = (await conn.execute(select(primary_views.c.state).where(*key))).scalar()
+    values: dict[str, Any] = {"state": state, "reason": reason or None, "updated_at": now}
+    if before != state:
+        values["since"] = now
+    if before is None:
+        await conn.execute(insert(primary_views).values(domain=domain, node=node, **values))
+    else:
+        await conn.execute(update(primary_views).where(*key).values(values))
+
+
+async def _reached_by(conn: AsyncConnection, domain: str, nodes: Sequence[str]) -> bool:
+    """Whether one of `nodes` last saw the domain's primary up."""
+    query = select(primary_views.c.node).where(
+        primary_views.c.domain == domain,
+        primary_views.c.node.in_(list(nodes)),
+        primary_views.c.state == PrimaryState.UP,
+    )
+    return (await conn.execute(query.limit(1))).first() is not None
 
 
 def a_recipient_of_the_row(states: Iterable[str], *conditions: Any) -> ScalarSelect[Any]:

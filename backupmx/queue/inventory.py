@@ -2,8 +2,10 @@
 
 Listings of messages with their recipients (``backupmx queue list``, the bulk
 actions' selections), one message and its body (``queue show``), the counts by
-state and domain (``queue stats``, ``status``, the metrics) and the ages of
-pending messages (``status``).  Read-only: nothing here changes the queue.
+state and domain (``queue stats``, ``status``, the metrics), the ages of
+pending messages (``status``) and the nodes sharing the queue with the
+recipients each has in flight (``backupmx nodes``, ``status``).  Read-only:
+nothing here changes the queue.
 
 Promises: a listing of millions of messages is read a page at a time along the
 primary key, each page on its own connection, so it holds neither the queue in
@@ -24,13 +26,15 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
-from backupmx.queue.models import bodies, domains, messages, recipients
+from backupmx.queue.models import bodies, domains, messages, nodes, recipients
 from backupmx.queue.records import (
     DomainStats,
     MessageView,
+    NodeView,
     RecipientView,
     Stats,
     UnknownMessage,
+    node_state,
     oldest_first,
     utcnow,
 )
@@ -134,6 +138,38 @@ class Inventory(QueueDatabase):
         oldest_values = [d.oldest for d in domain_stats if d.oldest]
         return Stats(message_count, totals, min(oldest_values, default=None), domain_stats)
 
+    async def nodes(self, lease: timedelta) -> list[NodeView]:
+        """Every node that has written a heartbeat, by name; live if it has not stopped
+        and its last heartbeat is at most `lease` old by the database's clock (as the
+        nodes themselves decide).  Its recipients in flight are counted in the queue
+        (the ``sending`` rows it owns), beside what it reported."""
+        sending = (
+            select(recipients.c.lease_owner, func.count().label("count"))
+            .where(recipients.c.state == State.SENDING)
+            .group_by(recipients.c.lease_owner)
+            .subquery()
+        )
+        query = (
+            select(nodes, func.coalesce(sending.c.count, 0).label("sending"))
+            .outerjoin(sending, sending.c.lease_owner == nodes.c.name)
+            .order_by(nodes.c.name)
+        )
+        async with self.engine.connect() as conn:
+            now = await self.database_now(conn)
+            rows = (await conn.execute(query)).all()
+        views = []
+        for row in rows:
+            age = (now - row.last_seen).total_seconds()
+            views.append(
+                NodeView(
+                    row.name, row.hostname, row.version, row.listen, row.pid, row.started_at,
+                    row.last_seen, age, row.stopped_at,
+                    node_state(age, row.stopped_at, lease.total_seconds()),
+                    row.sending, row.in_flight, row.delivered, row.delivery_rate,
+                )
+            )  # fmt: skip
+        return views
+
     async def pending_ages(
         self, bounds: Sequence[timedelta], now: datetime | None = None
     ) -> list[int]:
@@ -169,6 +205,7 @@ async def _views(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Messag
                 RecipientView(
                     r.id, r.address, r.domain, r.state, r.attempts, r.next_attempt_at,
                     last_error, r.dsn_notify, r.dsn_orcpt,
+                    r.lease_owner if r.state == State.SENDING else None,
                 )
             )  # fmt: skip
     return [

@@ -132,8 +132,11 @@ recipients = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTCDateTime, nullable=False),
     Column("last_error", Text),
+    # The node sending a ``sending`` row (`backupmx.queue.nodes`): the lease lasts as
+    # long as that node's heartbeat, and ``attempts`` (raised by each claim) tells one
+    # claim from the next, so a node that lost the row cannot record a result for it.
     Column("lease_owner", String(64)),
-    Column("lease_until", UTCDateTime),
+    Column("lease_until", UTCDateTime),  # unused since schema 0006 (leases follow the node)
     Column("dsn_notify", String(32)),  # RFC 3461 NOTIFY
     Column("dsn_orcpt", Text),  # RFC 3461 ORCPT, as sent
     Column("updated_at", UTCDateTime, nullable=False),
@@ -141,7 +144,7 @@ recipients = Table(
     # Due mail is found per domain (`Claims.claim` skips a down domain's mail without
     # reading it); the same index answers "does this domain have pending mail".
     Index("ix_recipients_due", "state", "domain", "next_attempt_at"),
-    Index("ix_recipients_lease", "state", "lease_until"),
+    Index("ix_recipients_owner", "state", "lease_owner"),
     Index("ix_recipients_message", "message_id"),
     # Finished deliveries feed the recipient-verification cache (Store.learn_recipients).
     Index("ix_recipients_finished", "state", "updated_at"),
@@ -159,6 +162,40 @@ domains = Table(
     Column("reason", Text),  # why mail waits: "no MX better than this host", last error
     Column("last_probe_at", UTCDateTime),
     Column("last_probe_result", Text),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# The nodes sharing this queue (`backupmx.queue.nodes`): each `serve` process writes
+# its row every heartbeat; a node whose ``last_seen`` is older than the lease is dead,
+# and any live node gives its ``sending`` recipients back to the queue.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("name", String(64), primary_key=True),  # the lease owner name
+    Column("hostname", Text, nullable=False),  # the machine's name
+    Column("version", String(32), nullable=False),
+    Column("listen", Text, nullable=False),  # "127.0.0.1:25, [::1]:25"
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Column("in_flight", Integer, nullable=False, server_default=text("0")),  # recipients
+    Column("delivered", BigInteger, nullable=False, server_default=text("0")),  # since start
+    Column("delivery_rate", Float, nullable=False, server_default=text("0")),  # msg/s, last minute
+    Column("stopped_at", UTCDateTime),  # a clean stop; NULL while running or after a crash
+)
+
+# Each node's own view of each domain's primary: the shared ``domains.state`` is up
+# while any live node reaches the primary, and down only when every live node that
+# tried failed (`backupmx.queue.domains`), so one node with a broken network neither
+# makes the state flap nor keeps the others from delivering.
+primary_views = Table(
+    "primary_views",
+    metadata,
+    Column("domain", String(255), primary_key=True),
+    Column("node", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("since", UTCDateTime, nullable=False),
+    Column("reason", Text),
     Column("updated_at", UTCDateTime, nullable=False),
 )
 

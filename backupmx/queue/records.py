@@ -2,9 +2,9 @@
 
 Every stage and the CLI hold these and nothing else of the queue: a stage hands
 the store a `NewMessage` or a `Result` and gets back a `Claim`, an `Outbound`, an
-`Overdue`; the CLI, ``status`` and the metrics read `MessageView`, `Stats` and
-`DomainState`.  No I/O and no SQL here, so importing a record never pulls in a
-database driver.
+`Overdue`; the CLI, ``status`` and the metrics read `MessageView`, `Stats`,
+`DomainState` and `NodeView`, and an operator's hold or delete answers `Acted`.
+No I/O and no SQL here, so importing a record never pulls in a database driver.
 
 Promises: records are immutable once built (except `NewMessage`, which the
 receiver fills in before it commits); times are timezone-aware UTC, and
@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 from backupmx.queue.state import Event, PrimaryState, State
@@ -161,6 +162,10 @@ class Result:
     event: Event  # SUCCESS, TEMPFAIL or PERMFAIL
     error: str | None = None
     next_attempt_at: datetime | None = None  # for TEMPFAIL
+    # The claim this result is for (its ``attempts``): a result for an earlier claim of
+    # the same recipient, by this node or another, is not applied.  None: any claim the
+    # reporting node holds (callers that never lose a lease, such as the tests' own).
+    claim_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,7 @@ class RecipientView:
     last_error: str | None
     notify: str | None
     orcpt: str | None
+    lease_owner: str | None = None  # the node sending it, while it is `sending`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -253,6 +259,7 @@ class RecipientView:
             "last_error": self.last_error,
             "notify": self.notify,
             "orcpt": self.orcpt,
+            "lease_owner": self.lease_owner,
         }
 
 
@@ -331,6 +338,82 @@ class Stats:
                 for d in self.domains
             ],
         }
+
+
+class NodeState(StrEnum):
+    """A node's liveness, from its row in ``nodes``: *live* while its heartbeat is
+    younger than the lease, *stopped* after a clean stop, *dead* otherwise (it crashed,
+    or lost the database, and a live node gives its recipients back to the queue)."""
+
+    LIVE = "live"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One ``serve`` process sharing the queue, as its heartbeat row and the queue see it."""
+
+    name: str  # the lease owner name
+    hostname: str
+    version: str
+    listen: str  # "127.0.0.1:25, [::1]:25"
+    pid: int
+    started_at: datetime
+    last_seen: datetime
+    heartbeat_age: float  # seconds since last_seen, by the database's clock
+    stopped_at: datetime | None
+    state: NodeState
+    in_flight: int  # its `sending` recipients in the queue: the truth
+    reported_in_flight: int  # what the node itself said at its last heartbeat
+    delivered: int  # since it started
+    delivery_rate: float  # messages per second, as it last reported
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hostname": self.hostname,
+            "version": self.version,
+            "listen": [a.strip() for a in self.listen.split(",") if a.strip()],
+            "pid": self.pid,
+            "started_at": _iso(self.started_at),
+            "last_seen": _iso(self.last_seen),
+            "heartbeat_age_seconds": round(self.heartbeat_age, 1),
+            "state": self.state,
+            "stopped_at": _iso(self.stopped_at) if self.stopped_at else None,
+            "in_flight": self.in_flight,
+            "reported_in_flight": self.reported_in_flight,
+            "delivered": self.delivered,
+            "delivery_rate": self.delivery_rate,
+        }
+
+
+def node_state(heartbeat_age: float, stopped_at: datetime | None, lease: float) -> NodeState:
+    """Live while the last heartbeat is at most `lease` seconds old, unless it stopped."""
+    if stopped_at is not None:
+        return NodeState.STOPPED
+    return NodeState.LIVE if heartbeat_age <= lease else NodeState.DEAD
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A recipient an operator's action left alone: a node is sending it now."""
+
+    message_id: str
+    recipient: str
+    lease_owner: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.message_id, "recipient": self.recipient, "lease_owner": self.lease_owner}
+
+
+@dataclass(frozen=True)
+class Acted:
+    """What an operator's hold or delete did: `changed` recipients held (messages
+    deleted), and the recipients being sent that it did not touch."""
+
+    changed: int
+    in_flight: list[InFlight]
 
 
 class UnknownMessage(LookupError):

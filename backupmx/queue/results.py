@@ -2,9 +2,13 @@
 
 Promises:
 
-* `record` applies delivery results only to recipients the reporting owner still
-  holds (a lease that ran out and was claimed again is someone else's), and
-  queues the DSNs for those results in the same transaction, so a recipient is
+* `record` applies delivery results only to recipients the reporting node still
+  holds under the same claim (``attempts``): a lease that was given back while
+  the node could not renew it, and perhaps claimed again since, is someone
+  else's.  Such a result is logged (``result_after_lease_lost``, with the
+  recipient and who holds it now) and dropped, with the DSNs of its message's
+  results: the node that holds the recipient now writes its own.  The DSNs for
+  the results applied are queued in the same transaction, so a recipient is
   never bounced without its DSN (docs/queue.md, invariant 2).
 * `sweep` expires or bounces pending recipients, or marks them delay-warned,
   together with their DSNs in one transaction (invariant 2 again).
@@ -27,8 +31,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import bindparam, false, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
@@ -40,6 +45,8 @@ from backupmx.queue.retention import finish
 from backupmx.queue.state import FINAL, Event, State, sources, target
 from backupmx.queue.writer import GroupCommitWriter
 
+log = structlog.get_logger("backupmx.queue")
+
 
 @dataclass
 class _Report:
@@ -49,6 +56,7 @@ class _Report:
     results: Sequence[Result]
     notices: Sequence[NewMessage]
     changed: int = 0
+    held: bool = True  # every result's recipient is still the owner's, under that claim
 
     @property
     def size(self) -> int:
@@ -83,6 +91,47 @@ _RESULT_STATEMENTS = {
     event: _result_statement(event)
     for event in (Event.SUCCESS, Event.TEMPFAIL, Event.PERMFAIL, Event.QUARANTINE)
 }
+
+
+def _fence(conn: Connection, batch: Sequence[_Report]) -> None:
+    """Keep, in each report, only the results whose recipient its owner still holds under
+    the claim the result is for; log the others.  The rows are locked (PostgreSQL) until
+    the results are written, so no node gives them back in between."""
+    ids = sorted(r.recipient_id for report in batch for r in report.results)
+    rows: dict[int, Any] = {}
+    for start in range(0, len(ids), _FINISH_CHUNK):
+        query = (
+            select(
+                recipients.c.id, recipients.c.state, recipients.c.lease_owner,
+                recipients.c.attempts, recipients.c.address, recipients.c.message_id,
+            )
+            .where(recipients.c.id.in_(ids[start : start + _FINISH_CHUNK]))
+            .order_by(recipients.c.id)  # locks taken in id order, as `queue hold` takes them
+            .with_for_update()
+        )  # fmt: skip
+        rows.update((row.id, row) for row in conn.execute(query))
+    for report in batch:
+        kept = []
+        for result in report.results:
+            row = rows.get(result.recipient_id)
+            if (
+                row is not None
+                and row.state == State.SENDING.value
+                and row.lease_owner == report.owner
+                and result.claim_attempts in (None, row.attempts)
+            ):
+                kept.append(result)
+                continue
+            log.warning(
+                "result_after_lease_lost",
+                queue_id=row.message_id if row is not None else None,
+                recipient=row.address if row is not None else result.recipient_id,
+                result=result.event.value,
+                owner=row.lease_owner if row is not None else None,
+                state=row.state if row is not None else "deleted",
+            )
+        report.held = len(kept) == len(report.results)
+        report.results = kept
 
 
 def _result_params(report: _Report, now: datetime) -> dict[Event, list[dict[str, Any]]]:
@@ -138,8 +187,9 @@ class Results(QueueDatabase):
         """In the writer thread: every report of the batch in one transaction."""
         assert self._writer_engine is not None
         now = utcnow()
-        notices = [n for report in batch for n in report.notices]
         with self._writer_engine.begin() as conn:
+            _fence(conn, batch)
+            notices = [n for report in batch if report.held for n in report.notices]
             if notices:
                 assert self._inserter is not None
                 self._inserter.insert(conn, notices, now)
@@ -152,7 +202,7 @@ class Results(QueueDatabase):
                 result.recipient_id
                 for report in batch
                 for result in report.results
-                if target(result.event) in FINAL
+                if target(result.event) in FINAL and report.held
             ]
             for start in range(0, len(final), _FINISH_CHUNK):
                 chunk = final[start : start + _FINISH_CHUNK]

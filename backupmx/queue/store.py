@@ -5,7 +5,10 @@
 * `backupmx.queue.claims` — which recipients are due, claims and their leases;
 * `backupmx.queue.results` — delivery results and the sweeps (expiry, bounce,
   delay warning), each with its DSNs in the same transaction;
-* `backupmx.queue.domains` — the domains table (each primary's state);
+* `backupmx.queue.domains` — the domains table (each primary's state, and each
+  node's own view of it);
+* `backupmx.queue.nodes` — the nodes sharing the queue, their heartbeats, and the
+  leases of dead ones given back;
 * `backupmx.queue.memory` — the receiver's memory (verification cache,
   greylisting, spam records);
 * `backupmx.queue.admin` — an operator's hold, release, delete;
@@ -34,13 +37,14 @@ from backupmx.queue.domains import Domains
 from backupmx.queue.intake import Intake
 from backupmx.queue.inventory import Inventory
 from backupmx.queue.memory import Memory
+from backupmx.queue.nodes import Nodes
 from backupmx.queue.records import NewMessage
 from backupmx.queue.results import Results
 from backupmx.queue.retention import Retention
 from backupmx.queue.space import Space
 
 
-class Store(Claims, Results, Domains, Memory, Admin, Inventory, Retention, Space):
+class Store(Claims, Results, Domains, Nodes, Memory, Admin, Inventory, Retention, Space):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._intake = Intake(url)

@@ -115,7 +115,7 @@ async def test_deliveries_feed_the_cache_only_with_mailbox_verdicts(store: Store
         session_id="t",
     )
     await store.enqueue(message)
-    claims = {c.address: c for c in await store.claim("me", 10, timedelta(minutes=5))}
+    claims = {c.address: c for c in await store.claim("me", 10)}
     await store.record(
         "me",
         [

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from backupmx.queue.database import migrations_directory, upgrade
 from backupmx.queue.domains import QUIET_AFTER
 from backupmx.queue.inserter import Inserter
+from backupmx.queue.nodes import NodeReport
 from backupmx.queue.records import NewMessage, Result, utcnow
 from backupmx.queue.retention import FORGET_BATCH
 from backupmx.queue.state import Event, PrimaryState
@@ -41,7 +42,7 @@ def sized(*addresses: str, size: int) -> NewMessage:
 async def test_a_message_loses_its_body_when_its_last_recipient_is_final(store: Store) -> None:
     m = message("a@example.test", "b@example.test")
     await store.enqueue(m)
-    a, b = sorted(await store.claim("node", 10, timedelta(minutes=5)), key=lambda c: c.address)
+    a, b = sorted(await store.claim("node", 10), key=lambda c: c.address)
     await store.record("node", [Result(a.recipient_id, Event.SUCCESS, "250 ok")])
     assert (await store.message(m.id)).finished_at is None
     assert await store.body(m.id) != b""  # b is still pending: the body stays
@@ -62,7 +63,7 @@ async def test_a_message_loses_its_body_when_its_last_recipient_is_final(store: 
 async def test_a_deferred_or_held_recipient_keeps_the_body(store: Store) -> None:
     m = message("a@example.test", "b@example.test")
     await store.enqueue(m)
-    a, b = sorted(await store.claim("node", 10, timedelta(minutes=5)), key=lambda c: c.address)
+    a, b = sorted(await store.claim("node", 10), key=lambda c: c.address)
     await store.record(
         "node",
         [
@@ -94,15 +95,13 @@ async def test_finished_records_are_forgotten_after_keep_finished(store: Store) 
     old = [message(f"u{i}@example.test") for i in range(FORGET_BATCH + 3)]
     for m in old:
         await store.enqueue(m)
-    claims = await store.claim("node", 10_000, timedelta(minutes=5))
+    claims = await store.claim("node", 10_000)
     await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250 ok") for c in claims])
     young = message("young@example.test")
     await store.enqueue(young)
     pending = message("pending@example.test")
     await store.enqueue(pending)
-    (c,) = [
-        c for c in await store.claim("node", 10, timedelta(minutes=5)) if c.message_id == young.id
-    ]
+    (c,) = [c for c in await store.claim("node", 10) if c.message_id == young.id]
     await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250 ok")])
     young_finished = (await store.message(young.id)).finished_at
     assert young_finished is not None
@@ -128,7 +127,7 @@ async def test_a_down_domains_mail_is_neither_claimed_nor_touched(store: Store) 
     # Never tried, yet `queue list` says why the mail waits.
     assert {r.last_error for r in before.values() if r.domain == "down.test"} == {"mx1 refused"}
     for _ in range(3):
-        claims = await store.claim("node", 100, timedelta(minutes=5))
+        claims = await store.claim("node", 100)
         assert [c.domain for c in claims] in (["up.test"], [])
     after = {r.id: r for v in await store.messages() for r in v.recipients}
     untouched = [i for i, r in before.items() if r.domain == "down.test" and after[i] == r]
@@ -136,7 +135,7 @@ async def test_a_down_domains_mail_is_neither_claimed_nor_touched(store: Store) 
     assert await store.pending_domains() == ["down.test", "up.test"]
     # The primary is back: the mail is due at once, in one statement, without backoff.
     await store.set_domain_state("down.test", PrimaryState.UP)
-    claims = await store.claim("node", 100, timedelta(minutes=5))
+    claims = await store.claim("node", 100)
     assert len(claims) == 50 and {c.domain for c in claims} == {"down.test"}
 
 
@@ -145,9 +144,9 @@ async def test_claims_take_the_oldest_due_first_across_domains(store: Store) -> 
     await store.enqueue(first)
     await store.enqueue(message("b@two.test"))
     await store.enqueue(message("c@one.test"))
-    claims = await store.claim("node", 1, timedelta(minutes=5))
+    claims = await store.claim("node", 1)
     assert [c.message_id for c in claims] == [first.id]
-    claims = await store.claim("node", 5, timedelta(minutes=5))
+    claims = await store.claim("node", 5)
     assert sorted(c.address for c in claims) == ["b@two.test", "c@one.test"]
 
 
@@ -158,10 +157,12 @@ async def idle_loop(store: Store) -> None:
     """Every queue query an idle server runs: the delivery loop's poll, the probes'
     list, the housekeeping and the recipient cache's jobs."""
     now = utcnow()
-    await store.claim("node", 500, timedelta(minutes=10))
+    await store.claim("node", 500)
     await store.pending_domains()
     await store.domain_states()
-    await store.release_expired_leases(now)
+    await store.heartbeat(
+        NodeReport("node", "host", "test", "127.0.0.1:25", 1), timedelta(seconds=30)
+    )
     await store.sweep(Event.EXPIRE, lambda overdue: [], older_than=now - timedelta(days=5))
     # Every held message is past its delay warning, and was warned by the first run.
     while await store.sweep(None, lambda overdue: [], older_than=now + timedelta(seconds=1)):
@@ -181,7 +182,7 @@ async def hold(store: Store, recipients: int) -> None:
 async def fill(store: Store) -> None:
     """2,000 recipients held for a down domain, 200 delivered ones, one up domain."""
     await store.enqueue(message(*(f"d{j}@up.test" for j in range(200))))
-    claims = await store.claim("node", 1000, timedelta(minutes=5))
+    claims = await store.claim("node", 1000)
     await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
     await store.set_domain_state("up.test", PrimaryState.UP)
     await store.set_domain_state("down.test", PrimaryState.DOWN)
@@ -406,7 +407,7 @@ async def test_sqlite_gives_freed_pages_back(tmp_path: Path) -> None:
             batch = [sized(f"u{i}@example.test", size=100_000) for i in range(100)]
             for m in batch:
                 await store.enqueue(m)
-        claims = await store.claim("node", 10_000, timedelta(minutes=5))
+        claims = await store.claim("node", 10_000)
         await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
         free_before = sqlite_pragma(path, "freelist_count")
         size_before = path.stat().st_size
@@ -439,7 +440,7 @@ async def test_quiet_domains_rows_go_but_not_the_backed_up_ones_nor_those_with_m
     domain is backed up (its primary state is the operator's to watch)."""
     delivered = message("a@sender.test", "b@ours.test")
     await store.enqueue(delivered)
-    claims = await store.claim("node", 10, timedelta(minutes=5))
+    claims = await store.claim("node", 10)
     await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
     await store.enqueue(message("c@waiting.test"))
     held = message("d@held.test")
@@ -464,7 +465,7 @@ async def test_a_domain_row_is_not_forgotten_under_mail_being_queued(store: Stor
     that mail (they find pending mail through the domains' rows).  On PostgreSQL a
     plain DELETE would not wait: the inserter's ON CONFLICT DO NOTHING locks nothing."""
     await store.enqueue(message("a@sender.test"))
-    claims = await store.claim("node", 10, timedelta(minutes=5))
+    claims = await store.claim("node", 10)
     await store.record("node", [Result(c.recipient_id, Event.SUCCESS, "250") for c in claims])
     later = utcnow() + QUIET_AFTER + timedelta(seconds=1)
     inserter = Inserter(store.engine.dialect)
@@ -485,14 +486,14 @@ async def test_an_idle_claim_is_one_statement_whatever_the_number_of_domains(
     in a statement that grows with them."""
     deferred = message("a@deferred.test")
     await store.enqueue(deferred)
-    (claim,) = await store.claim("node", 10, timedelta(minutes=5))
+    (claim,) = await store.claim("node", 10)
     later = utcnow() + timedelta(hours=1)
     await store.record("node", [Result(claim.recipient_id, Event.TEMPFAIL, "451 later", later)])
 
     async def idle_claim() -> list[str]:
         statements, stop = captured(store)
         try:
-            assert await store.claim("node", 500, timedelta(minutes=10)) == []
+            assert await store.claim("node", 500) == []
         finally:
             stop()
         return [statement for statement, _ in statements]

@@ -12,16 +12,18 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, text
+from sqlalchemy import MetaData, text, update
 
 from backupmx.mail.reply import classify
-from backupmx.queue.models import metadata
+from backupmx.queue.database import upgrade
+from backupmx.queue.models import metadata, nodes
+from backupmx.queue.nodes import NodeReport
 from backupmx.queue.records import (
     Result,
     UnknownMessage,
     utcnow,
 )
-from backupmx.queue.state import Event
+from backupmx.queue.state import Event, PrimaryState
 from backupmx.queue.store import Store
 from tests.support.queued import message
 
@@ -48,8 +50,8 @@ async def test_claim_leases_each_recipient_once(store: Store, database_url: str)
     other = Store.open(database_url)
     try:
         first, second = await asyncio.gather(
-            store.claim("node-a", 20, timedelta(minutes=5)),
-            other.claim("node-b", 20, timedelta(minutes=5)),
+            store.claim("node-a", 20),
+            other.claim("node-b", 20),
         )
     finally:
         await other.close()
@@ -59,12 +61,12 @@ async def test_claim_leases_each_recipient_once(store: Store, database_url: str)
     assert not ids_a & ids_b
     assert len(ids_a | ids_b) == 30
     assert all(c.attempts == 1 for c in first)
-    assert await store.claim("node-c", 10, timedelta(minutes=5)) == []
+    assert await store.claim("node-c", 10) == []
 
 
 async def test_results_apply_only_for_the_lease_owner(store: Store) -> None:
     await store.enqueue(message("a@example.test", "b@example.test", "c@example.test"))
-    claims = await store.claim("node-a", 10, timedelta(minutes=5))
+    claims = await store.claim("node-a", 10)
     a, b, c = claims
     later = utcnow() + timedelta(minutes=10)
     assert await store.record("node-b", [Result(a.recipient_id, Event.SUCCESS)]) == 0
@@ -80,37 +82,160 @@ async def test_results_apply_only_for_the_lease_owner(store: Store) -> None:
     view = await store.message(a.message_id)
     assert [r.state for r in view.recipients] == ["delivered", "queued", "bounced"]
     assert view.recipients[1].last_error == "451 4.3.0 try later"
-    assert await store.claim("node-a", 10, timedelta(minutes=5)) == []  # b is not due yet
-    assert len(await store.claim("node-a", 10, timedelta(minutes=5), now=later)) == 1
+    assert await store.claim("node-a", 10) == []  # b is not due yet
+    assert len(await store.claim("node-a", 10, now=later)) == 1
 
 
-async def test_expired_leases_return_to_the_queue(store: Store) -> None:
+def node(name: str) -> NodeReport:
+    return NodeReport(name, "host", "test", "127.0.0.1:25", 1)
+
+
+async def _last_seen(store: Store, name: str, ago: timedelta) -> None:
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            update(nodes).where(nodes.c.name == name).values(last_seen=utcnow() - ago)
+        )
+
+
+LEASE = timedelta(seconds=30)
+
+
+async def test_a_dead_nodes_leases_are_taken_over_by_a_live_node(store: Store) -> None:
     await store.enqueue(message("a@example.test"))
-    now = utcnow()
-    assert len(await store.claim("dead-node", 10, timedelta(seconds=30), now=now)) == 1
-    assert await store.release_expired_leases(now + timedelta(seconds=10)) == 0
-    assert await store.release_expired_leases(now + timedelta(seconds=31)) == 1
-    (claim,) = await store.claim(
-        "node-b", 10, timedelta(seconds=30), now=now + timedelta(seconds=32)
-    )
+    await store.register(node("node-a"))
+    await store.register(node("node-b"))
+    assert len(await store.claim("node-a", 10)) == 1
+    # A node that is merely slow keeps its work: its heartbeat is fresh.
+    await _last_seen(store, "node-a", timedelta(seconds=25))
+    live = await store.heartbeat(node("node-b"), LEASE)
+    assert live == ("node-a", "node-b")
+    assert await store.take_over("node-b", live, LEASE) == {}
+    await _last_seen(store, "node-a", timedelta(seconds=31))
+    live = await store.heartbeat(node("node-b"), LEASE)
+    assert live == ("node-b",)
+    assert await store.take_over("node-b", live, LEASE) == {"node-a": 1}
+    (claim,) = await store.claim("node-b", 10)
     assert claim.attempts == 2
 
 
-async def test_own_leases_are_released_at_start_up(store: Store) -> None:
+async def test_a_heartbeat_written_since_the_live_nodes_were_read_keeps_the_work(
+    store: Store,
+) -> None:
+    """The take-over looks again under the dead node's row lock."""
     await store.enqueue(message("a@example.test"))
-    await store.claim("this-node", 10, timedelta(hours=1))
-    assert await store.release_leases("other-node") == 0
-    assert await store.release_leases("this-node") == 1
+    await store.register(node("node-a"))
+    await store.claim("node-a", 10)
+    assert await store.take_over("node-b", ("node-b",), LEASE) == {}
+
+
+async def test_a_dead_node_stopped_inside_a_transaction_does_not_block_the_take_over(
+    postgres_url: str,
+) -> None:
+    """SIGSTOP in the middle of a heartbeat leaves the node's row locked: the take-over
+    waits a second for it, gives up for this round, and the heartbeat goes on."""
+    store = Store.open(postgres_url)
+    try:
+        await upgrade(store.engine)
+        await store.register(node("node-a"))
+        await _last_seen(store, "node-a", timedelta(seconds=31))
+        stopped = await store.engine.connect()
+        transaction = await stopped.begin()
+        await stopped.execute(text("SELECT 1 FROM nodes WHERE name = 'node-a' FOR UPDATE"))
+        async with store.engine.begin() as conn:  # a sending row of node-a's
+            await conn.execute(
+                text(
+                    "INSERT INTO messages (id, sender, size, sha256, received_at, client_ip,"
+                    " client_helo, protocol, body_type, smtputf8, session_id)"
+                    " VALUES ('m1', '', 1, '', now(), '127.0.0.1', 'h', 'ESMTP', '7BIT',"
+                    " false, 's')"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO recipients (message_id, address, domain, state, attempts,"
+                    " next_attempt_at, lease_owner, updated_at)"
+                    " VALUES ('m1', 'a@example.test', 'example.test', 'sending', 1, now(),"
+                    " 'node-a', now())"
+                )
+            )
+        started = asyncio.get_running_loop().time()
+        assert await store.take_over("node-b", ("node-b",), LEASE) == {}
+        assert asyncio.get_running_loop().time() - started < 5
+        await transaction.rollback()
+        await stopped.close()
+        assert await store.take_over("node-b", ("node-b",), LEASE) == {"node-a": 1}
+    finally:
+        await store.close()
+
+
+async def test_a_stopped_node_counts_no_more_and_a_leaseholder_without_a_row_is_dead(
+    store: Store,
+) -> None:
+    await store.enqueue(message("a@example.test"))
+    await store.register(node("node-a"))
+    await store.stopped("node-a")
+    assert await store.live_nodes(LEASE) == ()
+    assert len(await store.claim("unregistered", 10)) == 1
+    await store.register(node("node-b"))
+    live = await store.heartbeat(node("node-b"), LEASE)
+    assert live == ("node-b",)
+    assert await store.take_over("node-b", live, LEASE) == {"unregistered": 1}
+
+
+async def test_own_leases_are_given_back(store: Store) -> None:
+    await store.enqueue(message("a@example.test"))
+    await store.claim("this-node", 10)
+    assert await store.give_back_leases("other-node") == 0
+    assert await store.give_back_leases("this-node") == 1
+
+
+async def test_a_result_for_a_lost_claim_is_not_recorded(store: Store) -> None:
+    """Fencing: the owner and the claim (attempts) must both still match."""
+    m = message("a@example.test")
+    await store.enqueue(m)
+    (first,) = await store.claim("node-a", 10)
+    await store.give_back_leases("node-a")  # node-a's fence fell
+    assert len(await store.claim("node-b", 10)) == 1
+    late = Result(first.recipient_id, Event.SUCCESS, claim_attempts=first.attempts)
+    assert await store.record("node-a", [late]) == 0
+    await store.give_back_leases("node-b")
+    (third,) = await store.claim("node-a", 10)  # the same node, a later claim
+    assert await store.record("node-a", [late]) == 0
+    assert (await store.message(m.id)).recipients[0].state == "sending"
+    done = Result(third.recipient_id, Event.SUCCESS, claim_attempts=third.attempts)
+    assert await store.record("node-a", [done]) == 1
+    assert (await store.message(m.id)).recipients[0].state == "delivered"
+
+
+async def test_a_node_that_cannot_reach_the_primary_leaves_its_mail_to_one_that_can(
+    store: Store,
+) -> None:
+    """One view of the primary: the shared state stays up while a live node reaches it."""
+    await store.enqueue(message("a@example.test"))
+    assert await store.set_domain_state("example.test", PrimaryState.UP, node="node-b")
+    changed = await store.set_domain_state(
+        "example.test", PrimaryState.DOWN, node="node-a", others=["node-b"]
+    )
+    assert not changed
+    assert (await store.domain_states())["example.test"].state is PrimaryState.UP
+    assert await store.claim("node-a", 10) == []
+    assert len(await store.claim("node-b", 10)) == 1
+    views = await store.primary_views(["node-a", "node-b"])
+    assert views["example.test"] == {"node-a": PrimaryState.DOWN, "node-b": PrimaryState.UP}
+    # The last live node that reaches it fails too: down for everyone.
+    assert await store.set_domain_state(
+        "example.test", PrimaryState.DOWN, node="node-b", others=["node-a"]
+    )
 
 
 async def test_hold_release_delete(store: Store) -> None:
     m = message("a@example.test")
     await store.enqueue(m)
-    assert await store.hold([m.id]) == 1
-    assert await store.claim("n", 10, timedelta(minutes=1)) == []
+    assert (await store.hold([m.id])).changed == 1
+    assert await store.claim("n", 10) == []
     assert (await store.stats()).recipients["held"] == 1
     assert await store.release([m.id]) == 1
-    assert await store.delete([m.id]) == 1
+    assert (await store.delete([m.id])).changed == 1
     assert await store.messages(include_final=True) == []
     with pytest.raises(UnknownMessage) as error:
         await store.hold([m.id, "NOPE"])
@@ -121,7 +246,7 @@ async def test_listing_filters_and_stats(store: Store) -> None:
     await store.enqueue(message("a@example.test"))
     done = message("b@example.org")
     await store.enqueue(done)
-    claims = await store.claim("n", 10, timedelta(minutes=1))
+    claims = await store.claim("n", 10)
     org = next(c for c in claims if c.domain == "example.org")
     await store.record("n", [Result(org.recipient_id, Event.SUCCESS)])
     assert len(await store.messages()) == 1
@@ -140,10 +265,10 @@ async def test_message_pages_cover_the_listing_a_page_at_a_time(store: Store) ->
     for n in range(7):  # one at a time: queue ids (microseconds first) in this order
         sent.append(message(f"r{n}@example.test" if n % 3 else f"r{n}@example.org"))
         await store.enqueue(sent[-1])
-    claims = await store.claim("n", 10, timedelta(minutes=1))
+    claims = await store.claim("n", 10)
     first = next(c for c in claims if c.message_id == sent[1].id)
     await store.record("n", [Result(first.recipient_id, Event.SUCCESS)])
-    await store.release_leases("n")
+    await store.give_back_leases("n")
 
     async def paged(**filters: Any) -> list[list[str]]:
         return [[m.id for m in page] async for page in store.message_pages(size=2, **filters)]
@@ -166,7 +291,7 @@ async def test_pending_ages_counts_messages_by_age_in_one_query(store: Store) ->
         await store.enqueue(m)
     delivered = message("c@example.org")
     await store.enqueue(delivered)
-    claim = await store.claim("n", 10, timedelta(minutes=1), now=now + timedelta(seconds=1))
+    claim = await store.claim("n", 10, now=now + timedelta(seconds=1))
     org = next(c for c in claim if c.domain == "example.org")
     await store.record("n", [Result(org.recipient_id, Event.SUCCESS)])  # no longer pending
     bounds = [timedelta(minutes=5), timedelta(hours=1), timedelta(days=1)]
@@ -194,7 +319,7 @@ async def test_a_primarys_reply_with_nul_and_undecodable_bytes_is_recorded(store
     """aiosmtplib hands a reply over with ``surrogateescape``: the text that reaches the
     queue is one printable line, so the group commit of results never fails on it."""
     await store.enqueue(message("a@example.test", "b@example.test"))
-    a, b = await store.claim("node-a", 10, timedelta(minutes=5))
+    a, b = await store.claim("node-a", 10)
     refused = classify(550, "5.1.1 no\x00such \udcff\udcfe user\r\n\x1b[31m")
     deferred_too = classify(451, "4.3.0 busy\x00")
     changed = await store.record(

@@ -37,9 +37,18 @@ class FakeStore:
         return 1
 
 
+class OneNode:
+    """This node alone: its name, and no other live node."""
+
+    name = "host:backup.test"
+
+    def others(self) -> tuple[str, ...]:
+        return ()
+
+
 def primaries(store: FakeStore, on_5xx: str = "bounce", hold_window: float = 3600) -> Primaries:
     policy = DomainPolicy(on_primary_5xx=on_5xx, hold_window=hold_window)
-    return Primaries(store, None, None, lambda _: policy, 25, "backup.test", None)  # type: ignore[arg-type]
+    return Primaries(store, None, None, lambda _: policy, 25, "backup.test", None, OneNode())  # type: ignore[arg-type]
 
 
 async def test_a_repeated_result_is_written_once_within_the_refresh_interval() -> None:
@@ -112,6 +121,7 @@ async def test_records_past_the_bound_are_forgotten_except_those_a_hold_window_n
         25,
         "backup.test",
         None,  # type: ignore[arg-type]
+        OneNode(),  # type: ignore[arg-type]
     )
     await known.observed("example.com", True, "probe answered")
     assert not known.in_hold_window("example.com")  # up for longer than its window
