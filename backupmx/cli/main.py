@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from backupmx import config as configuration
 from backupmx.cli import CommandError
 from backupmx.cli import domains as domain_commands
+from backupmx.cli import nodes as node_commands
 from backupmx.cli import queue as queue_commands
 from backupmx.cli import status as status_commands
 from backupmx.logs import configure as configure_logs
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_commands.add_parsers(verbs.add_parser("queue", help="show and manage the held queue"))
     domain_commands.add_parsers(verbs)
+    node_commands.add_parser(verbs)
     status_commands.add_parser(verbs)
 
     db = verbs.add_parser("db", help="queue database schema").add_subparsers(
@@ -137,6 +139,8 @@ def run(args: argparse.Namespace, config: configuration.Config) -> int:
         return asyncio.run(_db_upgrade(config.database, args.json))
     if args.verb == "status":
         return asyncio.run(status_commands.run(args, config))
+    if args.verb == "nodes":
+        return asyncio.run(node_commands.run(args, config))
     if args.verb == "domains":
         return asyncio.run(domain_commands.run_domains(args, config))
     if args.verb == "probe":

@@ -8,7 +8,11 @@ or PostgreSQL), so an admin never has to stop the server.
 `list` and the actions select messages by ID or by filters (`Selection`: domain,
 state, sender, recipient, age).  An action given filters first only counts what
 it would touch; ``--yes`` carries it out, in batches, with a progress bar on a
-terminal.  Actions apply to whole messages, as ``postsuper`` does.
+terminal.  Actions apply to whole messages, as ``postsuper`` does.  A hold or a
+delete cannot take back a recipient that a node is sending: each waits up to
+``--wait`` for those deliveries to end, then acts on the rest and names each
+recipient it left and the node sending it (exit status 1), never claiming a
+success that the node's delivery would undo.
 
 Human output shows what clients and remote hosts sent (HELO, addresses,
 headers, replies) through `printable`: a control character reaching the
@@ -21,11 +25,13 @@ schema older than this version says to run ``backupmx db upgrade``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import fnmatch
 import json
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,12 +44,27 @@ from backupmx.cli import CommandError
 from backupmx.config import Config, parse_duration
 from backupmx.mail.domains import normalize_domain
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
-from backupmx.queue.records import MessageView, RecipientView, SpamRecord, Stats, oldest_first
+from backupmx.queue.records import (
+    Acted,
+    InFlight,
+    MessageView,
+    RecipientView,
+    SpamRecord,
+    Stats,
+    oldest_first,
+)
 from backupmx.queue.state import FINAL, Event, State
 from backupmx.queue.store import Store
 
 ACTIONS = ("hold", "release", "requeue", "delete", "bounce")
 BATCH = 500  # message IDs per store call in a bulk action: one transaction each
+# Actions that a delivery in progress would undo (a held recipient delivered all the same,
+# a deleted message sent anyway): they wait for it to end, and say what they left alone.
+WAITING_ACTIONS = {"hold": "held", "delete": "deleted"}
+# The default --wait: a delivery takes seconds, and the recipients of a node that died
+# go back to the queue once its heartbeat is a lease old (`[delivery] lease`, 30 s).
+WAIT = 30.0
+POLL = 0.5  # seconds between two looks at the recipients being sent, while waiting
 
 
 async def open_store(database: str) -> Store:
@@ -107,6 +128,14 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
             "--yes", action="store_true", help="with filters: do it (without: count only)"
         )
         action.add_argument("--json", action="store_true")
+        if verb in WAITING_ACTIONS:
+            action.add_argument(
+                "--wait",
+                metavar="SECONDS",
+                type=_duration,
+                default=WAIT,
+                help=f"how long recipients being sent may take to finish (default {WAIT:.0f})",
+            )
     flush = verbs.add_parser(
         "flush", help="make queued mail due now (a running serve starts within a second)"
     )
@@ -216,7 +245,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             found = oldest_first([m async for m in select(store, Selection.from_args(args))])
             print(_json([m.to_json() for m in found]) if args.json else render_list(found))
         elif verb in ACTIONS:
-            await run_action(store, args, config)
+            return await run_action(store, args, config)
         elif verb == "export":
             message = await store.message(args.id)
             _require_body(message)
@@ -256,8 +285,9 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         await store.close()
 
 
-async def run_action(store: Store, args: argparse.Namespace, config: Config) -> None:
-    """hold, release, requeue, delete or bounce: the IDs given, or what the filters select."""
+async def run_action(store: Store, args: argparse.Namespace, config: Config) -> int:
+    """hold, release, requeue, delete or bounce: the IDs given, or what the filters select.
+    Exit status 1 when a hold or a delete left recipients being sent alone."""
     verb = args.queue_verb
     selection = Selection.from_args(args)
     if args.ids and selection.filtered:
@@ -270,40 +300,82 @@ async def run_action(store: Store, args: argparse.Namespace, config: Config) -> 
             print(_json({"action": verb, "dry_run": True, "messages": len(ids), "ids": ids}))
         else:
             print(f"{verb}: would act on {len(ids)} message(s); run again with --yes to do it")
-        return
+        return 0
     changed = 0
+    in_flight: list[InFlight] = []
+    deadline = time.monotonic() + getattr(args, "wait", 0.0)
     progress = Progress(verb, len(ids))
     for start in range(0, len(ids), BATCH):
         batch = ids[start : start + BATCH]
-        changed += await apply_action(store, verb, batch, config)
+        if verb in WAITING_ACTIONS:
+            await wait_while_sending(store, verb, batch, deadline)
+        acted = await apply_action(store, verb, batch, config)
+        changed += acted.changed
+        in_flight += acted.in_flight
         progress.advance(len(batch))
     progress.done()
     noun = "message(s)" if verb == "delete" else "recipient(s)"
     if args.json:
-        print(_json({"action": verb, "dry_run": False, "messages": len(ids), "changed": changed}))
-    elif verb == "bounce":
-        print(f"bounce: {changed} recipient(s) bounced, DSNs queued")
+        done: dict[str, Any] = {
+            "action": verb,
+            "dry_run": False,
+            "messages": len(ids),
+            "changed": changed,
+        }
+        if verb in WAITING_ACTIONS:
+            done["in_flight"] = [r.to_json() for r in in_flight]
+        print(_json(done))
     else:
-        print(f"{verb}: {changed} {noun} of {len(ids)} message(s)")
+        if verb == "bounce":
+            print(f"bounce: {changed} recipient(s) bounced, DSNs queued")
+        else:
+            print(f"{verb}: {changed} {noun} of {len(ids)} message(s)")
+        for line in left_alone(verb, in_flight):
+            print(f"backupmx: {line}", file=sys.stderr)
+    return 1 if in_flight else 0
 
 
-async def apply_action(store: Store, verb: str, ids: Sequence[str], config: Config) -> int:
-    """One batch; returns how many recipients changed (messages, for delete)."""
+async def wait_while_sending(store: Store, verb: str, ids: Sequence[str], deadline: float) -> None:
+    """Wait until no recipient of these messages is being sent, or until `deadline`."""
+    sending = await store.in_flight(ids)
+    if sending and sys.stderr.isatty():
+        wait = max(deadline - time.monotonic(), 0)
+        print(
+            f"{verb}: waiting up to {wait:.0f}s for {len(sending)} recipient(s) being sent",
+            file=sys.stderr,
+        )
+    while sending and time.monotonic() < deadline:
+        await asyncio.sleep(POLL)
+        sending = await store.in_flight(ids)
+
+
+def left_alone(verb: str, in_flight: Sequence[InFlight]) -> list[str]:
+    """One line per recipient a hold or a delete did not touch, naming its node."""
+    return [
+        f"{r.message_id} <{printable(r.recipient)}>: not {WAITING_ACTIONS[verb]}:"
+        f" being sent by node {r.lease_owner or '(unknown)'}"
+        for r in in_flight
+    ]
+
+
+async def apply_action(store: Store, verb: str, ids: Sequence[str], config: Config) -> Acted:
+    """One batch: how many recipients changed (messages, for delete), and for hold and
+    delete the recipients being sent that they left alone."""
     if verb == "delete":
         return await store.delete(ids)
     if verb == "hold":
         return await store.hold(ids)
     if verb == "release":
-        return await store.release(ids)
+        return Acted(await store.release(ids), [])
     if verb == "requeue":
         released = await store.release(ids)
-        return released + await store.make_due(ids=ids, retry_down=True)
+        return Acted(released + await store.make_due(ids=ids, retry_down=True), [])
     notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
     bounced = 0
     # sweep takes a bounded number of recipients per transaction: repeat until none is left.
     while swept := await store.sweep(Event.BOUNCE, notices.for_admin_bounce, ids=ids):
         bounced += swept
-    return bounced
+    return Acted(bounced, [])
 
 
 class Progress:
@@ -341,7 +413,12 @@ def _json(value: Any) -> str:
 
 def _age(then: datetime, now: datetime | None = None) -> str:
     """Age as its largest whole unit, like qshape's buckets: 45s, 12m, 3h, 2d."""
-    seconds = max(int(((now or datetime.now(UTC)) - then).total_seconds()), 0)
+    return _span(((now or datetime.now(UTC)) - then).total_seconds())
+
+
+def _span(duration: float) -> str:
+    """Seconds as their largest whole unit: 45s, 12m, 3h, 2d."""
+    seconds = max(int(duration), 0)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -423,6 +500,7 @@ def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) 
         [
             r.address,
             r.state,
+            r.lease_owner or "",
             str(r.attempts),
             r.next_attempt_at.isoformat(timespec="seconds"),
             r.last_error or "",
@@ -433,7 +511,9 @@ def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) 
         [
             *(f"{k:<10} {printable(v)}" for k, v in facts),
             "",
-            table(["RECIPIENT", "STATE", "TRIES", "NEXT ATTEMPT", "LAST ERROR"], rows),
+            table(
+                ["RECIPIENT", "STATE", "SENDING ON", "TRIES", "NEXT ATTEMPT", "LAST ERROR"], rows
+            ),
             "",
             "\n".join(printable(line) for line in headers.split("\r\n")),
         ]

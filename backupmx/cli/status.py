@@ -3,7 +3,8 @@
 Whether the server answers (its ``/healthz`` on ``[metrics] listen``), where it
 listens, which database it uses, the disk it takes and what is free beside it (for
 SQLite: a PostgreSQL server's disk is watched where that server runs), the
-queue's totals by state, each domain's primary (up or down, since when), its
+queue's totals by state, the nodes sharing the queue (live or dead, heartbeat,
+recipients in flight, delivery rate), each domain's primary (up or down, since when), its
 oldest message and its next probe, and a bar chart of how long the pending
 messages have waited (qshape's question: "is this a burst, or has it been piling
 up for days?").
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from backupmx.cli import nodes as node_listing
 from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.config import Config
 from backupmx.mail.domains import DomainNames, normalize_domain
@@ -33,6 +35,7 @@ from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, safe_url
 from backupmx.queue.records import DomainState, Stats, waiting
 from backupmx.queue.state import PrimaryState
+from backupmx.queue.store import Store
 
 HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
 BAR_WIDTH = 40
@@ -64,6 +67,7 @@ class DomainLine:
     held: int
     oldest: datetime | None
     next_probe: datetime | None  # probes run only for domains with mail waiting
+    reached_by: tuple[str, ...]  # the live nodes that last saw the primary up
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,14 +79,26 @@ class DomainLine:
             "held": self.held,
             "oldest_received_at": _iso(self.oldest),
             "next_probe_at": _iso(self.next_probe),
+            "reached_by": list(self.reached_by),
         }
 
 
+async def primary_reach(store: Store, config: Config) -> dict[str, dict[str, PrimaryState]]:
+    """Each domain's primary as each live node last saw it (`domain_lines`' `views`)."""
+    live = await store.live_nodes(timedelta(seconds=config.delivery.lease))
+    return await store.primary_views(live)
+
+
 def domain_lines(
-    config: Config, states: dict[str, DomainState], stats: Stats, now: datetime
+    config: Config,
+    states: dict[str, DomainState],
+    stats: Stats,
+    views: dict[str, dict[str, PrimaryState]],
+    now: datetime,
 ) -> list[DomainLine]:
     """Every domain backed up by its exact name, and every domain with mail in the queue
-    (a ``.parent`` entry shows through the subdomains that have mail)."""
+    (a ``.parent`` entry shows through the subdomains that have mail); `views` are the
+    live nodes' own views of each primary (`primary_reach`)."""
     backed_up = DomainNames((d.name, d) for d in config.domain)
     exact = {normalize_domain(d.name) for d in config.domain if not d.name.startswith(".")}
     queued = {d.domain: d for d in stats.domains}
@@ -105,6 +121,9 @@ def domain_lines(
                 held=counts.get("held", 0),
                 oldest=queued[name].oldest if name in queued else None,
                 next_probe=next_probe,
+                reached_by=tuple(
+                    sorted(n for n, seen in views.get(name, {}).items() if seen is PrimaryState.UP)
+                ),
             )
         )
     return lines
@@ -170,6 +189,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         bounds = [timedelta(seconds=upper) for _, upper in AGE_BUCKETS[:-1]]
         ages = await store.pending_ages(bounds, now)
         footprint = await store.footprint()
+        nodes = await node_listing.node_facts(store, config)
+        views = await primary_reach(store, config)
     finally:
         await store.close()
     facts = {
@@ -182,7 +203,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         "database_bytes": footprint.database_bytes,
         "filesystem_free_bytes": footprint.free_bytes,
         "queue": stats.to_json(),
-        "domains": [line.to_json() for line in domain_lines(config, states, stats, now)],
+        "nodes": nodes,
+        "domains": [line.to_json() for line in domain_lines(config, states, stats, views, now)],
         "age_histogram": [
             {"age": label, "messages": count}
             for (label, _), count in zip(AGE_BUCKETS, ages, strict=True)
@@ -205,8 +227,11 @@ def render(facts: dict[str, Any], now: datetime) -> str:
         f"queue      {queue['messages']} message(s); recipients: "
         + ", ".join(f"{state} {count}" for state, count in totals.items()),
         "oldest     " + (f"{_stamp(oldest)} ({_age(oldest, now)} ago)" if oldest else "-"),
+        f"nodes      {node_listing.summary(facts['nodes'])}",
         "",
     ]
+    if facts["nodes"]:
+        lines += [node_listing.render(facts["nodes"], now, brief=True), ""]
     rows = [
         [
             d["domain"] + ("" if d["backed_up"] else " *"),

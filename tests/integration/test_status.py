@@ -265,7 +265,13 @@ def test_bulk_delete_counts_first_and_acts_only_with_yes(populated: Populated) -
     done = json.loads(
         populated.run("queue", "delete", "--sender", "spammer@bad.test", "--yes", "--json").stdout
     )
-    assert done == {"action": "delete", "dry_run": False, "messages": 1, "changed": 1}
+    assert done == {
+        "action": "delete",
+        "dry_run": False,
+        "messages": 1,
+        "changed": 1,
+        "in_flight": [],
+    }
     assert populated.ids["spam"] not in populated.listed()
     assert len(populated.listed()) == 4
 
