@@ -303,7 +303,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         membership.on_lapse = deliverer.lapse
         membership.before_give_back = deliverer.record_unrecorded
         membership.on_taken_over = deliverer.wake
-        membership.on_live = lambda count: _spawn_share(deliverer, count)
+        membership.on_live = deliverer.share
 
         async def etrn(domain: str) -> int:
             due = await store.make_due(domain=domain, retry_down=True)
@@ -407,10 +407,6 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
 async def _deliver_once_counted(membership: Membership, deliverer: Deliverer) -> None:
     await membership.counted()
     await deliverer.run()
-
-
-def _spawn_share(deliverer: Deliverer, nodes: int) -> None:
-    asyncio.get_running_loop().create_task(deliverer.share(nodes))
 
 
 async def _run_until_stopped(

@@ -184,10 +184,11 @@ class Deliverer:
             for _, connection in connections:
                 connection.smtp.close()  # not a session more at the primary than we use
 
-    async def share(self, nodes: int) -> None:
-        """`nodes` live nodes now share each primary host's budget."""
-        self.pacers.share(nodes)
-        await self._close_idle()
+    def share(self, nodes: int) -> None:
+        """`nodes` live nodes now share each primary host's budget: idle connections
+        beyond this node's new share are closed at once."""
+        if self.pacers.share(nodes):
+            self._spawn(self._close_idle())
 
     async def stop(self) -> None:
         """Cancel work in progress (its leases are given back by the app) and close connections."""

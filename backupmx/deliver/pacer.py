@@ -141,16 +141,17 @@ class Pacers:
         self._by_host[host] = pacer
         return pacer
 
-    def share(self, nodes: int) -> None:
-        """`nodes` live nodes share each host's budget from now on."""
+    def share(self, nodes: int) -> bool:
+        """`nodes` live nodes share each host's budget from now on; True if that changed."""
         nodes = max(nodes, 1)
         if nodes == self._nodes:
-            return
+            return False
         self._nodes = nodes
         _, maximum, rate = self._share()
         log.info("pacer_share", nodes=nodes, connections_per_host=maximum, rate_per_host=rate)
         for pacer in self._by_host.values():
             pacer.limit_to(maximum, rate)
+        return True
 
     def _share(self) -> tuple[int, int, float]:
         initial, maximum, rate = self._budget

@@ -34,6 +34,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -362,6 +363,47 @@ def test_postgresql_restart_under_load_keeps_every_250_and_the_nodes_go_on(
     final = settled(cluster)
     print(f"all delivered {seconds:.1f} s later; queue {final}; {primary.summary()}")
     assert set(final) == {"delivered"}, final
+
+
+def test_hold_and_delete_of_mail_another_node_is_sending_never_claim_what_did_not_happen(
+    postgres_url: str, server_factory: Any, primary: CountingPrimary
+) -> None:
+    """(f) An operator on node b holds, then deletes, messages node a is sending.  Hold
+    with a short wait says which recipient it left to which node and exits 1, and the
+    message is delivered all the same, as it said; delete with a wait long enough waits
+    for the attempt to end and then deletes the finished record."""
+    primary.delay = 4.0
+    cluster = Cluster(
+        server_factory, postgres_url, primary.address, 2,
+        delivery=delivery(max_connections_per_host=2),
+    ).start()  # fmt: skip
+    submission = submit([cluster[0]], 2, prefix="admin")
+    first, second = sorted(submission.by_queue_id().values(), key=lambda m: m.index)
+    primary.name_nodes(cluster.pids())
+    primary.start()
+    wait_cluster(
+        cluster,
+        lambda: sum(leases(cluster.database).values()) == 2,
+        30,
+        "both messages being sent",
+        interval=0.05,
+    )
+    operator = cluster[1].server
+
+    held = operator.cli("queue", "hold", first.queue_id, "--wait", "1", "--json", check=False)
+    assert held.returncode == 1, held.stderr
+    report = json.loads(held.stdout)
+    assert [r["recipient"] for r in report["in_flight"]] == [first.recipient]
+    assert report["in_flight"][0]["lease_owner"] in {n.name for n in cluster}
+
+    deleted = operator.cli("queue", "delete", second.queue_id, "--wait", "30", "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for(lambda: primary.total >= 2, 30, "both messages at the primary")
+    assert primary.duplicates() == {}
+    states_now = recipient_states(cluster.database)
+    assert states_now.get(first.queue_id) == ["delivered"]  # not held: it said so
+    assert second.queue_id not in states_now  # deleted once its delivery ended
+    assert cluster.events("result_after_lease_lost") == []
 
 
 def test_one_node_on_sqlite_with_a_slow_primary_and_a_short_lease_gives_no_duplicates(
