@@ -174,11 +174,13 @@ class Deliverer:
             await self.stop()
 
     def lapse(self) -> None:
-        """This node's fence fell: cancel every delivery in progress.  Their recipients
-        stay ``sending`` under this node's name until its next heartbeat gives them
-        back, or another node takes them over."""
-        for task in list(self._tasks):
-            task.cancel()
+        """This node's fence fell: close the idle connections.  No message is sent from
+        now on under the claims made so far (each send checks the fence), and no claim
+        is made until the fence holds again.  A send already under way is not cut: its
+        body has usually left already, so cutting it would not make it undelivered,
+        only leave its result unknown; the store records that result only if the
+        recipient is still this node's, and logs it (``result_after_lease_lost``)
+        otherwise, which is how a duplicate of RFC 5321 §6.1 shows."""
         idle, self._idle = self._idle, defaultdict(list)
         for connections in idle.values():
             for _, connection in connections:
@@ -310,7 +312,7 @@ class Deliverer:
                     try:
                         report = await connection.send(message, claims, hold)
                     except asyncio.CancelledError:
-                        connection.smtp.close()  # the fence fell: the reply is not waited for
+                        connection.smtp.close()  # shutting down: the reply is not waited for
                         raise
                     metrics.message_sent(sending)
                     self._feedback(pacer, report)

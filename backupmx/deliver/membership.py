@@ -16,9 +16,12 @@ recipients back and send them.  So a node sends a message only while its last
 heartbeat *began* less than ``FENCE × lease`` ago (`holds`), checked right before
 each send, and only for claims made since its last lapse (`epoch`): a process
 continued after a pause finds its fence fallen before it writes to any primary.
-When the fence falls (`lapse`) the deliverer cancels what it is sending and
-claims nothing; the next heartbeat that succeeds gives this node's own leases
-back to the queue before it claims again.  The margin, a third of the lease,
+When the fence falls (`lapse`) the deliverer starts no send and claims
+nothing; a send already under way is not cut (its message has usually left
+already: what remains is the primary's reply), so that its result reaches the
+store, which records it only if the recipient is still this node's and logs it
+otherwise.  The next heartbeat that succeeds gives this node's own leases back
+to the queue before it claims again.  The margin, a third of the lease,
 covers clock-rate differences and the time between the check and the send; a
 reply to a message already sent when the node stopped can still come back after
 another node has sent it again: RFC 5321 §6.1's duplicate, which the store
