@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue.database import QueueDatabase
 from backupmx.queue.models import nodes, primary_views, recipients
-from backupmx.queue.records import utcnow
+from backupmx.queue.records import NodeState, node_state, utcnow
 from backupmx.queue.state import Event, State, sources, target
 
 # A dead node's row is kept this long after its last heartbeat, for `backupmx nodes`.
@@ -84,7 +84,7 @@ class Nodes(QueueDatabase):
                 await conn.execute(
                     insert(nodes).values(**_row(report), started_at=now, last_seen=now)
                 )
-            live = tuple((await conn.execute(_live(now, lease))).scalars())
+            live = await _live(conn, now, lease)
             await conn.execute(delete(nodes).where(nodes.c.last_seen < now - FORGET_AFTER))
             await conn.execute(
                 delete(primary_views).where(primary_views.c.node.not_in(select(nodes.c.name)))
@@ -108,8 +108,7 @@ class Nodes(QueueDatabase):
 
     async def live_nodes(self, lease: timedelta) -> tuple[str, ...]:
         async with self.engine.connect() as conn:
-            now = await self.database_now(conn)
-            return tuple((await conn.execute(_live(now, lease))).scalars())
+            return await _live(conn, await self.database_now(conn), lease)
 
     async def stopped(self, name: str) -> None:
         """A clean stop: the row stays, for `backupmx nodes`, but counts no more."""
@@ -151,17 +150,22 @@ class Nodes(QueueDatabase):
                     .with_for_update()
                 )
             ).first()
-            if row is not None and row.stopped_at is None and row.last_seen >= now - lease:
+            if row is not None and _state(row, now, lease) is NodeState.LIVE:
                 return 0
             return await _give_back(conn, owner)
 
 
-def _live(now: datetime, lease: timedelta) -> Any:
-    return (
-        select(nodes.c.name)
-        .where(nodes.c.last_seen >= now - lease, nodes.c.stopped_at.is_(None))
-        .order_by(nodes.c.name)
+async def _live(conn: AsyncConnection, now: datetime, lease: timedelta) -> tuple[str, ...]:
+    """The live nodes' names, by `node_state` (the one rule, which ``backupmx nodes``
+    shows too); the table holds a row per node, so it is read whole."""
+    rows = await conn.execute(
+        select(nodes.c.name, nodes.c.last_seen, nodes.c.stopped_at).order_by(nodes.c.name)
     )
+    return tuple(row.name for row in rows if _state(row, now, lease) is NodeState.LIVE)
+
+
+def _state(row: Any, now: datetime, lease: timedelta) -> NodeState:
+    return node_state((now - row.last_seen).total_seconds(), row.stopped_at, lease.total_seconds())
 
 
 async def _give_back(conn: AsyncConnection, owner: str) -> int:
