@@ -24,7 +24,7 @@ What is measured
       once one node has sent 20 and holds leases it is killed (SIGKILL).
       Measured from the kill: the survivor's ``leases_taken_over`` (its log
       timestamp), the survivor's first delivery of a recipient the dead node
-      held (its ``recipient_delivered``), and the end of the flush; plus the
+      held (its ``message_delivered``), and the end of the flush; plus the
       duplicates (RFC 5321 §6.1: sent by the dead node, not recorded).
       Median of ``--repeat`` runs.
 

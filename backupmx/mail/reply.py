@@ -31,7 +31,7 @@ class Verdict(StrEnum):
     """What a reply means for the recipient.  Each verdict is applied as one event of
     the recipient table (``queue/state.py``'s `VERDICT_EVENTS`); the values name the
     state it leads to, except ``deferred`` (back to ``queued``), and are the metrics'
-    ``result`` label and the ``recipient_…`` log events."""
+    ``result`` label and the ``message_…`` and ``recipient_…`` log events."""
 
     DELIVERED = "delivered"
     DEFERRED = "deferred"

@@ -111,8 +111,9 @@ class Node:
         return read_events(self.server, *names)
 
     def delivered(self) -> list[dict[str, Any]]:
-        """This node's ``recipient_delivered`` events."""
-        return self.events("recipient_delivered")
+        """This node's delivery events: one per message here, as each has one recipient
+        (``message_delivered``, or ``recipient_delivered`` beside another outcome)."""
+        return self.events("message_delivered", "recipient_delivered")
 
     def signal(self, sig: int) -> None:
         self.server.signal(sig)
@@ -190,7 +191,7 @@ class Cluster:
         return [(node, record) for node in self.nodes for record in node.events(*names)]
 
     def delivered_by_node(self) -> dict[str, int]:
-        """Node name -> its ``recipient_delivered`` events."""
+        """Node name -> its delivery events (`Node.delivered`)."""
         return {node.name: len(node.delivered()) for node in self.nodes}
 
     def logs(self, lines: int = 40) -> str:
