@@ -4,6 +4,8 @@
 queue: the route in use, the primary's state (up/down/unknown) and since when,
 the last probe, queued and held counts, the age of the oldest message, and
 which live nodes last reached the primary (each node keeps its own view).
+``dns_failing`` is true while the domain is held because its own MX lookup
+fails (NXDOMAIN, SERVFAIL, timeout): the reason then starts with ``DNS:``.
 `probe` resolves a domain's route as the deliverer would (after self-pruning)
 and tries an EHLO on each host, with timings; a host that answers marks the
 domain up and makes its queued mail due, as a scheduled probe would.
@@ -19,6 +21,7 @@ from backupmx.cli.queue import _age, _json, open_store, table
 from backupmx.cli.status import domain_lines, primary_reach
 from backupmx.config import Config
 from backupmx.mail.domains import normalize_domain
+from backupmx.queue.domains import dns_failing
 from backupmx.queue.state import PrimaryState
 
 
@@ -46,6 +49,7 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
                 **line.to_json(),
                 "route": state.route if state else None,
                 "reason": state.reason if state else None,
+                "dns_failing": dns_failing(state) if state else False,
                 "last_probe_at": state.to_json()["last_probe_at"] if state else None,
                 "last_probe_result": state.last_probe_result if state else None,
             }

@@ -11,6 +11,11 @@ Promises:
   domain's probe is a task of its own: a primary may take minutes to greet
   (``greeting_timeout``, RFC 5321 §4.5.3.2.1), and one that does never holds up
   the other domains' probes; its domain is probed again once that probe ends.
+* A route without a host to try (`Defer`: the domain's MX lookup fails — NXDOMAIN
+  included, for a backed-up domain — or no MX is better than this host) marks the
+  domain down with that reason, as an unreachable primary does: its mail waits
+  for the probes.  Only a `Bounce` (null MX, NXDOMAIN of a domain not backed up)
+  makes the domain's mail due, to be bounced.
 * State is written to the ``domains`` table, so ``backupmx domains`` and every
   node sharing the queue see it.  What this node sees is its own view
   (``primary_views``); the shared state is up while any live node reaches the
@@ -78,6 +83,7 @@ MAX_KNOWN_DOMAINS = 10_000
 class DomainPolicy:
     """The per-domain settings the deliverer needs (from [[domain]] or defaults)."""
 
+    backed_up: bool = False  # a [[domain]] entry names it: its NXDOMAIN holds, not bounces
     static_primary: tuple[str, ...] = ()
     on_primary_5xx: str = "bounce"
     hold_window: float = 3600.0
@@ -136,13 +142,15 @@ class Primaries:
         cached = self._routes.get(domain)
         if cached and not fresh and time.monotonic() - cached[0] < ROUTE_TTL:
             return cached[1]
+        policy = self.policies(domain)
         result = await plan(
             domain,
             self.resolver,
             self.identity,
-            self.policies(domain).static_primary,
+            policy.static_primary,
             self.port,
             self._rng,
+            policy.backed_up,
         )
         now = time.monotonic()
         self._routes.pop(domain, None)

@@ -16,14 +16,18 @@ Decisions, for a domain:
   ``primary`` list is used as given, in order, without pruning.  An address
   literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``: a DSN to such a sender) is
   that address on the delivery port, without DNS (`route_literal`).
-* `Bounce` — the domain takes no mail: null MX (``556 5.1.10``, RFC 7505 §4.2)
-  or no such domain (NXDOMAIN, ``550 5.1.2``).
+* `Bounce` — the domain takes no mail: null MX (``556 5.1.10``, RFC 7505 §4.2),
+  or no such domain (NXDOMAIN, ``550 5.1.2``) for a domain we do not back up
+  (the senders' domains our DSNs go to).
 * `Defer` — everything else that stops delivery now: we are the best MX left,
-  SERVFAIL or timeout, no MX host with an address, a static primary that is this
-  host (a configuration error that must not loop), an address literal that is
-  this host.  MX *hosts* that do not
-  resolve never bounce mail: a backup holds it until ``max_queue_lifetime``
-  rather than bounce on a primary's broken DNS.
+  SERVFAIL or timeout, NXDOMAIN for a backed-up domain, no MX host with an
+  address, a static primary that is this host (a configuration error that must
+  not loop), an address literal that is this host.  A backed-up domain's own
+  NXDOMAIN and MX hosts that do not resolve never bounce mail: a DNS accident at
+  the domain's provider must not turn into mass bounces, so a backup holds the
+  mail until ``max_queue_lifetime``.  Its null MX still bounces: that is the
+  domain's explicit statement.  A failed MX lookup's reason starts with
+  `DNS_FAILURE`, which tells the operator's views it apart (`dns_failing`).
 
 Who "self" is (`Identity`) is decided by the caller's data, never by "is
 loopback": tests run every primary on 127.0.0.x, and a loopback address is us
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import Literal
 
 from backupmx.mail.hosts import HostPort, parse_host_port
+from backupmx.queue.domains import DNS_FAILURE
 from backupmx.resolver import (
     AddressAnswer,
     Addresses,
@@ -252,11 +257,12 @@ def route_mx(
     identity: Identity,
     port: int,
     rng: random.Random,
+    backed_up: bool = False,
 ) -> Route:
     """Decide from a domain's MX answer and the addresses of its hosts (keyed by host name),
     in four steps: `mx_set`, `self_preference`, `better_than`, `in_order`."""
     domain = _name(domain)
-    candidates = mx_set(domain, mx)
+    candidates = mx_set(domain, mx, backed_up)
     if not isinstance(candidates, list):
         return candidates
     ours = self_preference(candidates, addresses, identity, port)
@@ -269,16 +275,19 @@ def route_mx(
     return _plan(domain, hops, "implicit" if isinstance(mx, NoData) else "mx", problems)
 
 
-def mx_set(domain: str, mx: MxAnswer) -> list[MxRecord] | Bounce | Defer:
+def mx_set(domain: str, mx: MxAnswer, backed_up: bool = False) -> list[MxRecord] | Bounce | Defer:
     """The MX hosts an answer names, each once at its best preference (``.`` targets
     name no host); no MX record at all: the domain itself at preference 0 (RFC 5321
-    §5.1, the implicit MX).  A null MX or NXDOMAIN bounces, a failed lookup defers."""
+    §5.1, the implicit MX).  A null MX bounces; NXDOMAIN bounces unless the domain is
+    `backed_up` (then it is held, as a failed lookup is)."""
     if isinstance(mx, NullMx):
         return Bounce(556, "5.1.10", f"{domain} does not accept mail (null MX, RFC 7505)")
+    if isinstance(mx, NxDomain) and backed_up:
+        return Defer(f"{DNS_FAILURE}MX lookup of {domain}: no such domain (NXDOMAIN)")
     if isinstance(mx, NxDomain):
         return Bounce(550, "5.1.2", f"domain {domain} does not exist (NXDOMAIN)")
     if isinstance(mx, TempFail):
-        return Defer(f"DNS: {mx.reason}")
+        return Defer(f"{DNS_FAILURE}{mx.reason}")
     if isinstance(mx, NoData):
         return [MxRecord(0, domain)]
     best: dict[str, int] = {}
@@ -423,11 +432,13 @@ async def plan(
     static_primary: Sequence[str],
     port: int,
     rng: random.Random,
+    backed_up: bool = False,
 ) -> Route:
     """Resolve what the domain's route needs, then decide with `route_static` or `route_mx`.
 
     ``static_primary`` is the domain's ``primary`` setting ("host[:port]", default
-    port ``port``); empty means the MX set from DNS.
+    port ``port``); empty means the MX set from DNS.  ``backed_up``: the domain is
+    one of ours ([[domain]]), whose NXDOMAIN holds its mail instead of bouncing it.
     """
     domain = _name(domain)
     if domain.startswith("["):
@@ -444,7 +455,8 @@ async def plan(
         hosts = [r.host for r in mx.records if r.host]
     else:
         hosts = [domain] if isinstance(mx, NoData) else []
-    return route_mx(domain, mx, await _resolve(resolver, hosts), identity, port, rng)
+    addresses = await _resolve(resolver, hosts)
+    return route_mx(domain, mx, addresses, identity, port, rng, backed_up)
 
 
 async def _resolve(resolver: Resolver, hosts: Iterable[str]) -> dict[str, AddressAnswer]:

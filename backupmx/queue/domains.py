@@ -13,6 +13,11 @@ The rows of other destinations (the senders' domains our DSNs go to) go again
 once nothing waits for them (`forget_quiet_domains`): every claim reads each row
 that is not down, so their number must follow what is pending, not every domain
 ever written to.
+
+A domain held because its own MX lookup fails (NXDOMAIN, SERVFAIL, timeout) has
+a ``reason`` that starts with `DNS_FAILURE` (written by `backupmx.deliver.route`);
+`dns_failing` is how ``domains --json``, ``status`` and the metric
+``backupmx_domain_dns_failing`` tell it apart from a primary that does not answer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from backupmx.queue.models import domains, primary_views, recipients
 from backupmx.queue.records import DomainState, utcnow
 from backupmx.queue.state import PENDING, PrimaryState, State
 
+# The start of the reason of a domain whose MX lookup fails: "DNS: MX lookup of …".
+DNS_FAILURE = "DNS: "
 QUIET_AFTER = timedelta(minutes=10)  # a row left unchanged this long, with nothing pending
 DOMAINS_PER_DELETE = 500
 
@@ -151,6 +158,11 @@ class Domains(QueueDatabase):
                     )
                 )
         return forgotten
+
+
+def dns_failing(state: DomainState) -> bool:
+    """True while the domain is down because its own MX lookup fails (not its primary)."""
+    return state.state == PrimaryState.DOWN and (state.reason or "").startswith(DNS_FAILURE)
 
 
 async def _set_view(

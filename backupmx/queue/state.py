@@ -119,10 +119,12 @@ def target(event: Event) -> str:
 # * ANSWERED: a delivery or a probe reached a host of the domain's route → up.
 #   Coming up from down or unknown makes the domain's queued mail due at once.
 # * UNREACHABLE: no host of the route answered, or no route can be planned now
-#   (a DNS failure, no MX better than this host) → down.  Mail of a down domain
-#   is not claimed, nor touched (`claim`): the probes decide when to try again.
-# * NO_PRIMARY: the route says the mail can never be delivered (no such domain,
-#   a null MX) → unknown, and the domain's mail is due at once (to bounce).
+#   (a DNS failure, a backed-up domain's NXDOMAIN included; no MX better than
+#   this host) → down.  Mail of a down domain is not claimed, nor touched
+#   (`claim`): the probes decide when to try again.
+# * NO_PRIMARY: the route says the mail can never be delivered (a null MX, or no
+#   such domain when it is not backed up here) → unknown, and the domain's mail
+#   is due at once (to bounce).
 # * RETRY: an operator's flush or requeue, or an ETRN: a down domain is tried
 #   again (unknown); up and unknown stay as they are.
 #

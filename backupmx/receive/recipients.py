@@ -16,17 +16,22 @@ checked here, per domain (``recipients = …``):
 
 Promises:
 
-* An unknown recipient is answered ``550 5.1.1``; one that cannot be verified now
-  (primary unreachable, nothing cached) ``450 4.2.1``, or is accepted with
-  ``verify_unknown = "accept"``.
+* An unknown recipient is answered ``550 5.1.1``.  One that cannot be verified
+  now (nothing cached, and the primary refuses the connection, times out, answers
+  4xx, has no route, or did not answer a callout within ``verify_retry``) is
+  accepted under ``verify_unknown = "accept"``, the default (Exim's ``defer_ok``:
+  a backup exists for the primary's outages, and the primary decides at delivery,
+  where ``on_primary_5xx`` handles a refusal), or answered ``450 4.2.1`` under
+  ``"defer"``.  Either way the event ``recipient_unverified`` says why, and the
+  counter ``backupmx_recipients_unverified`` counts it.
 * A callout never delays other sessions: at most ``max_callouts`` run at once,
   one per address however many sessions ask, each bounded by ``verify_timeout``;
-  a session waits for its answer at most ``verify_wait`` and then answers 450
-  while the callout goes on to fill the cache.  A domain whose primary did not
-  answer gets no callout for ``verify_retry``.  Memory stays bounded whatever the
-  senders try: at most `MAX_PENDING_CALLOUTS` callouts are started and unfinished
-  (past that a new address is unverified at once), and at most
-  `MAX_QUIET_DOMAINS` silent domains are remembered.
+  a session waits for its answer at most ``verify_wait``, then takes the
+  address as unverified while the callout goes on to fill the cache.  A domain
+  whose primary did not answer gets no callout for ``verify_retry``.  Memory
+  stays bounded whatever the senders try: at most `MAX_PENDING_CALLOUTS`
+  callouts are started and unfinished (past that a new address is unverified at
+  once), and at most `MAX_QUIET_DOMAINS` silent domains are remembered.
 * Cache or callout failures never answer 5xx: they are "unverified".
 """
 
@@ -43,6 +48,7 @@ from pathlib import Path
 
 import structlog
 
+from backupmx import metrics
 from backupmx.config import Config, Domain, Recipients
 from backupmx.mail import replies
 from backupmx.mail.address import Address
@@ -69,7 +75,15 @@ MAX_QUIET_DOMAINS = 10_000
 class Status(StrEnum):
     VALID = "valid"
     UNKNOWN = "unknown"  # 550 5.1.1
-    UNVERIFIED = "unverified"  # 450 4.2.1
+    UNVERIFIED = "unverified"  # 450 4.2.1, or accepted (verify_unknown)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The verifier's answer: the status, and why an address is unverified."""
+
+    status: Status
+    reason: str = ""
 
 
 def reply_for(status: Status, address: Address) -> str | None:
@@ -166,7 +180,7 @@ def parse_list(lines: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
 class DomainRecipients:
     mode: str = "any"  # "any" | "list" | "verify"
     listed: RecipientList | None = None
-    verify_unknown: str = "defer"
+    verify_unknown: str = "accept"
 
 
 class RecipientPolicy:
@@ -202,29 +216,31 @@ class Verifier:
     def __init__(self, store: Store, callout: Callout) -> None:
         self.store = store
         self.callout = callout
-        self._inflight: dict[str, asyncio.Task[Status]] = {}  # MAX_PENDING_CALLOUTS
+        self._inflight: dict[str, asyncio.Task[Verification]] = {}  # MAX_PENDING_CALLOUTS
         # domain -> monotonic time, in the order written (at most MAX_QUIET_DOMAINS)
         self._quiet_until: dict[str, float] = {}
         self._slots: asyncio.Semaphore | None = None
         self._slot_count = 0
 
-    async def check(self, address: Address, settings: Recipients) -> Status:
+    async def check(self, address: Address, settings: Recipients) -> Verification:
         key = cache_key(address)
         try:
             cached = await self.store.recipient_verdict(key)
         except Exception as error:
             log.error("verify_cache_failed", error=str(error))
-            return Status.UNVERIFIED
+            return Verification(Status.UNVERIFIED, f"verification cache unreadable: {error}")
         if cached is not None:
-            return Status.VALID if cached.valid else Status.UNKNOWN
+            return Verification(Status.VALID if cached.valid else Status.UNKNOWN)
         domain = address.routing_domain
         if time.monotonic() < self._quiet_until.get(domain, 0.0):
-            return Status.UNVERIFIED
+            return Verification(
+                Status.UNVERIFIED, "the primary did not answer a callout within verify_retry"
+            )
         task = self._inflight.get(key)
         if task is None:
             if len(self._inflight) >= MAX_PENDING_CALLOUTS:
                 log.info("callout_slow", recipient=key, pending=len(self._inflight))
-                return Status.UNVERIFIED
+                return Verification(Status.UNVERIFIED, "too many callouts pending")
             task = asyncio.get_running_loop().create_task(
                 self._verify(domain, key, settings), name=f"callout {key}"
             )
@@ -235,9 +251,9 @@ class Verifier:
             return await asyncio.wait_for(asyncio.shield(task), settings.verify_wait)
         except TimeoutError:
             log.info("callout_slow", recipient=key)
-            return Status.UNVERIFIED
+            return Verification(Status.UNVERIFIED, "no callout answer within verify_wait")
 
-    async def _verify(self, domain: str, key: str, settings: Recipients) -> Status:
+    async def _verify(self, domain: str, key: str, settings: Recipients) -> Verification:
         slots = self._semaphore(settings.max_callouts)
         async with slots:
             started = time.monotonic()
@@ -258,7 +274,7 @@ class Verifier:
         if answer.code // 100 not in (2, 5):
             if answer.code == 0:
                 self._quiet(domain, time.monotonic() + settings.verify_retry)
-            return Status.UNVERIFIED
+            return Verification(Status.UNVERIFIED, f"callout: {answer.text}")
         self._quiet_until.pop(domain, None)
         valid = answer.code // 100 == 2
         now = utcnow()
@@ -270,7 +286,7 @@ class Verifier:
             await self.store.remember_recipients([verdict])
         except Exception as error:  # the answer stands; only the cache missed it
             log.error("verify_cache_write_failed", recipient=key, error=str(error))
-        return Status.VALID if valid else Status.UNKNOWN
+        return Verification(Status.VALID if valid else Status.UNKNOWN)
 
     def _quiet(self, domain: str, until: float) -> None:
         """No callouts to `domain` before `until`; the entries that have run out, and
@@ -300,14 +316,22 @@ async def check_recipient(
         assert rule.listed is not None
         return Status.VALID if rule.listed.knows(address) else Status.UNKNOWN
     if rule.mode == "verify":
-        status = (
+        found = (
             await verifier.check(address, policy.settings)
             if verifier is not None
-            else Status.UNVERIFIED
+            else Verification(Status.UNVERIFIED, "no verifier")
         )
-        if status is Status.UNVERIFIED and rule.verify_unknown == "accept":
-            return Status.VALID
-        return status
+        if found.status is not Status.UNVERIFIED:
+            return found.status
+        accepted = rule.verify_unknown == "accept"
+        log.info(
+            "recipient_unverified",
+            recipient=str(address),
+            reason=found.reason,
+            answer="accepted" if accepted else "deferred",
+        )
+        metrics.recipient_unverified(address.routing_domain, accepted)
+        return Status.VALID if accepted else Status.UNVERIFIED
     return Status.VALID
 
 

@@ -40,8 +40,9 @@ MESSAGE = b"Subject: to postmaster\r\n\r\nThe backup refused my mail.\r\n.\r\n"
 
 @pytest.fixture(scope="module")
 def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """example.test "any", list.test and .sub.test "list", verify.test "verify" with its
-    primary down; greylisting on for 127.0.0.1 only; <Postmaster> is hostmaster@list.test."""
+    """example.test "any", list.test and .sub.test "list", verify.test "verify" (strict:
+    `verify_unknown = "defer"`) with its primary down; greylisting on for 127.0.0.1 only;
+    <Postmaster> is hostmaster@list.test."""
     directory = tmp_path_factory.mktemp("postmaster")
     listed = directory / "recipients.txt"
     listed.write_text("alice@list.test\n")
@@ -52,7 +53,13 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             {"name": DOMAIN, "primary": DOWN},
             {"name": "list.test", "primary": DOWN, **by_list},
             {"name": ".sub.test", "primary": DOWN, **by_list},
-            {"name": "verify.test", "primary": DOWN, "recipients": "verify"},
+            # Strict: the test wants a stranger refused while the primary cannot be asked.
+            {
+                "name": "verify.test",
+                "primary": DOWN,
+                "recipients": "verify",
+                "verify_unknown": "defer",
+            },
         ],
         postmaster=CONFIGURED,
         greylist={"enabled": True, "delay": "1h", "pass_clients": ["127.0.0.2/31"]},

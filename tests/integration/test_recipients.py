@@ -22,6 +22,7 @@ callout; the list file's parsing and re-reading are in tests/unit/test_recipient
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -69,8 +70,8 @@ async def test_concurrent_sessions_asking_one_address_cost_one_callout(store: St
     verifier = Verifier(store, callout)
     address = Address("alice", "example.test")
     results = await asyncio.gather(*(verifier.check(address, SETTINGS) for _ in range(20)))
-    assert set(results) == {Status.VALID} and callout.asked == ["alice@example.test"]
-    assert await verifier.check(address, SETTINGS) is Status.VALID  # from the cache
+    assert {r.status for r in results} == {Status.VALID} and callout.asked == ["alice@example.test"]
+    assert (await verifier.check(address, SETTINGS)).status is Status.VALID  # from the cache
     assert callout.asked == ["alice@example.test"]
 
 
@@ -81,20 +82,22 @@ async def test_slow_callout_answers_450_now_and_fills_the_cache_for_the_retry(
     verifier = Verifier(store, callout)
     address = Address("ghost", "example.test")
     started = time.monotonic()
-    assert await verifier.check(address, SETTINGS) is Status.UNVERIFIED
+    assert (await verifier.check(address, SETTINGS)).status is Status.UNVERIFIED
     assert time.monotonic() - started < 0.8
     await asyncio.sleep(1.0)
     cached = await store.recipient_verdict("ghost@example.test")
     assert cached is not None and not cached.valid and cached.source == "callout"
-    assert await verifier.check(address, SETTINGS) is Status.UNKNOWN
+    assert (await verifier.check(address, SETTINGS)).status is Status.UNKNOWN
     assert len(callout.asked) == 1
 
 
 async def test_unreachable_primary_gets_no_callouts_for_verify_retry(store: Store) -> None:
     callout = FakeCallout(0)
     verifier = Verifier(store, callout)
-    for name in ("a", "b", "c"):
-        assert await verifier.check(Address(name, "example.test"), SETTINGS) is Status.UNVERIFIED
+    answers = [await verifier.check(Address(n, "example.test"), SETTINGS) for n in "abc"]
+    assert [a.status for a in answers] == [Status.UNVERIFIED] * 3
+    assert answers[0].reason == "callout: 0 from the fake primary"
+    assert answers[1].reason == "the primary did not answer a callout within verify_retry"
     assert callout.asked == ["a@example.test"]
     assert await store.recipient_verdict("a@example.test") is None  # a tempfail is not cached
 
@@ -145,6 +148,15 @@ def rcpt(server: ServerProcess, *addresses: str, source: str = "127.0.0.1") -> l
         replies = [str(client.command(f"RCPT TO:<{a}>")) for a in addresses]
         client.command("QUIT")
     return replies
+
+
+def events(server: ServerProcess) -> list[dict[str, Any]]:
+    """The JSON events of the server's log."""
+    found = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
 
 
 @pytest.fixture
@@ -240,20 +252,13 @@ def test_verify_mode_callouts_fill_the_cache_which_answers_while_the_primary_is_
     server_factory: Any, sinks: tuple[SmtpSink, SmtpSink]
 ) -> None:
     taking, refusing = sinks
+    strict = {"recipients": "verify", "verify_unknown": "defer"}
     server = server_factory(
         domain=[
-            {"name": DOMAIN, "primary": [f"127.0.0.2:{taking.port}"], "recipients": "verify"},
-            {
-                "name": "refusing.test",
-                "primary": [f"127.0.0.2:{refusing.port}"],
-                "recipients": "verify",
-            },
-            {
-                "name": "lenient.test",
-                "primary": ["127.0.0.2:9"],
-                "recipients": "verify",
-                "verify_unknown": "accept",
-            },
+            {"name": DOMAIN, "primary": [f"127.0.0.2:{taking.port}"], **strict},
+            {"name": "refusing.test", "primary": [f"127.0.0.2:{refusing.port}"], **strict},
+            # The default verify_unknown; nothing listens on port 9.
+            {"name": "lenient.test", "primary": ["127.0.0.2:9"], "recipients": "verify"},
         ],
         recipients={"verify_positive_ttl": "8s", "verify_negative_ttl": "8s"},
     ).start()
@@ -272,7 +277,11 @@ def test_verify_mode_callouts_fill_the_cache_which_answers_while_the_primary_is_
     assert alice.startswith("250 2.1.5"), alice  # cached positive
     assert bob.startswith("550 5.1.1"), bob  # cached negative
     assert carol.startswith(f"450 4.2.1 <carol@{DOMAIN}>"), carol  # never seen, primary down
-    assert dave.startswith("250 2.1.5"), dave  # verify_unknown = "accept"
+    assert dave.startswith("250 2.1.5"), dave  # verify_unknown = "accept", the default
+    unverified = [e for e in events(server) if e["event"] == "recipient_unverified"]
+    answers = {e["recipient"]: e["answer"] for e in unverified}
+    assert answers == {f"carol@{DOMAIN}": "deferred", "dave@lenient.test": "accepted"}
+    assert all(e["reason"] for e in unverified), unverified
 
     time.sleep(max(0.0, 8.5 - (time.monotonic() - filled)))
     alice, bob = rcpt(server, f"alice@{DOMAIN}", "bob@refusing.test")

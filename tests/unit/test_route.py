@@ -23,6 +23,7 @@ from backupmx.deliver.route import (
     route_static,
 )
 from backupmx.mail.hosts import HostPort
+from backupmx.queue.domains import DNS_FAILURE
 from backupmx.resolver import (
     AddressAnswer,
     Addresses,
@@ -337,6 +338,18 @@ def test_servfail_and_timeout_defer(reason: str) -> None:
     assert result == Defer(f"DNS: {reason}")
 
 
+def test_nxdomain_of_a_backed_up_domain_holds_its_mail_and_says_dns() -> None:
+    result = route_mx("example.test", NxDomain(), {}, ME, PORT, random.Random(0), backed_up=True)
+    assert result == Defer("DNS: MX lookup of example.test: no such domain (NXDOMAIN)")
+    assert result.reason.startswith(DNS_FAILURE)
+
+
+def test_null_mx_of_a_backed_up_domain_still_bounces() -> None:
+    result = route_mx("example.test", NullMx(), {}, ME, PORT, random.Random(0), backed_up=True)
+    assert isinstance(result, Bounce)
+    assert (result.code, result.status) == (556, "5.1.10")
+
+
 def test_mx_hosts_that_do_not_resolve_are_skipped() -> None:
     result = route(
         mx((10, "gone.example.test"), (10, "slow.example.test"), (20, "mx3.example.test")),
@@ -433,6 +446,26 @@ async def test_plan_uses_static_primaries_with_the_delivery_port_as_default() ->
     )
     assert isinstance(result, RoutePlan)
     assert [(h.address, h.port) for h in result.hops] == [("127.0.0.2", 2600), ("::1", 2526)]
+
+
+async def test_a_static_primary_is_not_affected_by_the_domains_own_mx_lookup() -> None:
+    class NoSuchDomain:
+        """A resolver whose every MX lookup is NXDOMAIN: a static route never asks it."""
+
+        async def mx(self, domain: str) -> NxDomain:
+            return NxDomain()
+
+    result = await plan(
+        "gone.test",
+        NoSuchDomain(),
+        ME,
+        ["127.0.0.2:2526"],
+        25,
+        random.Random(0),
+        True,  # type: ignore[arg-type]
+    )
+    assert isinstance(result, RoutePlan)
+    assert result.source == "static"
 
 
 async def test_plan_defers_a_malformed_static_primary() -> None:

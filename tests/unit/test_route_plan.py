@@ -85,6 +85,18 @@ def test_an_answer_without_mx_hosts_is_decided_at_once(answer: MxAnswer, decisio
     assert isinstance(mx_set(DOMAIN, answer), decision)
 
 
+@pytest.mark.parametrize(
+    ("answer", "decision"),
+    [
+        (NullMx(), Bounce),  # the domain's own statement: it takes no mail
+        (NxDomain(), Defer),  # a DNS accident at its provider must not bounce its mail
+        (TempFail("SERVFAIL"), Defer),
+    ],
+)
+def test_a_backed_up_domain_bounces_only_for_its_null_mx(answer: MxAnswer, decision: type) -> None:
+    assert isinstance(mx_set(DOMAIN, answer, backed_up=True), decision)
+
+
 # --------------------------------------------------------------------------- who we are in it
 
 
