@@ -5,14 +5,25 @@ field names of docs/contracts.md#json-output, which outside scripts rely on.  Th
 through the queue store while ``serve`` runs (SQLite WAL with a busy timeout,
 or PostgreSQL), so an admin never has to stop the server.
 
-`list` and the actions select messages by ID or by filters (`Selection`: domain,
-state, sender, recipient, age).  An action given filters first only counts what
-it would touch; ``--yes`` carries it out, in batches, with a progress bar on a
-terminal.  Actions apply to whole messages, as ``postsuper`` does.  A hold or a
-delete cannot take back a recipient that a node is sending: each waits up to
-``--wait`` for those deliveries to end, then acts on the rest and names each
-recipient it left and the node sending it (exit status 1), never claiming a
-success that the node's delivery would undo.
+`list` and the actions select recipients (`backupmx.queue.selection`): by queue
+ID (given, or read from standard input for ``-``, as ``postsuper -d -``), by
+filters (domain, state, sender, recipient, client, subject, age, size), or both,
+the filters then narrowing within those messages.  An action covers exactly the
+recipients that `list` with the same IDs and filters shows, and no other
+recipient of their messages; a delete removes a message with its last
+recipient.  IDs alone cover every recipient of their messages.  With IDs, or
+with ``--all`` (every pending recipient, as ``postsuper -h ALL``), an action
+acts at once; with filters alone it first only counts what it would touch, and
+``--yes`` carries it out.  It works a page of messages at a time, with a
+progress bar on a terminal.  Unknown IDs are named on stderr, one a line, and
+make the exit status 1; the others are acted on.  A hold or a delete cannot
+take back a recipient that a node is sending: each waits up to ``--wait`` for
+those deliveries to end, then acts on the rest and names each recipient it left
+and the node sending it (exit status 1), never claiming a success that the
+node's delivery would undo.
+
+Listings stream: `list` writes each page as it is read (``--json`` as one array
+written element by element), so a listing of a million messages holds one page.
 
 Human output shows what clients and remote hosts sent (HELO, addresses,
 headers, replies) through `printable`: a control character reaching the
@@ -27,37 +38,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import fnmatch
 import json
 import re
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from sqlalchemy.exc import DBAPIError
 
 from backupmx.bounce.notices import Notices
-from backupmx.cli import CommandError
-from backupmx.config import Config, parse_duration
+from backupmx.cli import CommandError, UsageError
+from backupmx.config import Config, parse_duration, parse_size
 from backupmx.mail.domains import normalize_domain
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
 from backupmx.queue.records import (
     Acted,
+    History,
     InFlight,
     MessageView,
-    RecipientView,
     SpamRecord,
     Stats,
-    oldest_first,
 )
+from backupmx.queue.selection import Selection, pattern
 from backupmx.queue.state import FINAL, Event, State
 from backupmx.queue.store import Store
 
 ACTIONS = ("hold", "release", "requeue", "delete", "bounce")
-BATCH = 500  # message IDs per store call in a bulk action: one transaction each
+BATCH = 500  # messages per page of an action
+# Recipient ids per store call (one transaction each): short enough that mail being
+# received, which waits for SQLite's one writer, waits for one batch at most.
+RECIPIENT_BATCH = 1000
 # Actions that a delivery in progress would undo (a held recipient delivered all the same,
 # a deleted message sent anyway): they wait for it to end, and say what they left alone.
 WAITING_ACTIONS = {"hold": "held", "delete": "deleted"}
@@ -95,8 +109,26 @@ async def open_store(database: str) -> Store:
 
 def add_parsers(parser: argparse.ArgumentParser) -> None:
     verbs = parser.add_subparsers(dest="queue_verb", required=True)
-    listing = verbs.add_parser("list", help="messages still in the queue, oldest first")
+    listing = verbs.add_parser(
+        "list",
+        help="messages still in the queue, oldest first",
+        description="messages still in the queue, oldest first, each with the recipients "
+        "the IDs and filters select (by default its pending ones)",
+    )
+    add_ids(listing)
     listing.add_argument("--json", action="store_true")
+    only = listing.add_mutually_exclusive_group()
+    only.add_argument(
+        "--ids",
+        dest="ids_only",
+        action="store_true",
+        help="print only the queue IDs, one a line (for `queue hold -`)",
+    )
+    only.add_argument(
+        "--count",
+        action="store_true",
+        help="print only the number of messages (--json: messages and recipients)",
+    )
     listing.add_argument(
         "--all", action="store_true", help="include delivered, bounced and expired"
     )
@@ -120,12 +152,18 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
         ("bounce", "bounce pending recipients now, with a DSN"),
     ):
         action = verbs.add_parser(
-            verb, help=text, description=f"{text}; by ID, or every message the filters select"
+            verb,
+            help=text,
+            description=f"{text}: the recipients that `queue list` with the same IDs and "
+            "filters shows",
         )
-        action.add_argument("ids", nargs="*", metavar="ID")
+        add_ids(action)
         add_filters(action)
         action.add_argument(
-            "--yes", action="store_true", help="with filters: do it (without: count only)"
+            "--all", action="store_true", help="every pending recipient, at once (no --yes)"
+        )
+        action.add_argument(
+            "--yes", action="store_true", help="with filters alone: do it (without: count only)"
         )
         action.add_argument("--json", action="store_true")
         if verb in WAITING_ACTIONS:
@@ -139,23 +177,53 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
     flush = verbs.add_parser(
         "flush", help="make queued mail due now (a running serve starts within a second)"
     )
-    flush.add_argument("ids", nargs="*", metavar="ID")
+    add_ids(flush)
     flush.add_argument("--domain", help="every queued recipient of this domain")
     flush.add_argument("--all", action="store_true", help="every queued recipient")
     flush.add_argument("--json", action="store_true")
     stats = verbs.add_parser("stats", help="counts by state and by domain")
     stats.add_argument("--json", action="store_true")
+    from backupmx.cli import shape  # here: it uses this module's output helpers
+
+    shape.add_parser(verbs)
+
+
+def add_ids(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ids", nargs="*", metavar="ID", help="queue IDs; - reads them from standard input"
+    )
 
 
 def add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", help="a recipient in this domain")
-    parser.add_argument("--state", choices=[s.value for s in State], help="a recipient in it")
-    parser.add_argument(
+    group = parser.add_argument_group(
+        "filters", "each selects recipients; a recipient is selected when all match"
+    )
+    group.add_argument("--domain", help="a recipient in this domain")
+    group.add_argument("--state", choices=[s.value for s in State], help="a recipient in it")
+    group.add_argument(
         "--sender", metavar="PATTERN", help="sender address or glob (*@example.net); <> for null"
     )
-    parser.add_argument("--recipient", metavar="PATTERN", help="recipient address or glob")
-    parser.add_argument(
+    group.add_argument("--recipient", metavar="PATTERN", help="recipient address or glob")
+    for field, text in (
+        ("sender", "the sender address ('' for <>)"),
+        ("recipient", "the recipient address"),
+        ("subject", "the decoded Subject"),
+        ("client", "the client's IP address or HELO name"),
+    ):
+        group.add_argument(
+            f"--{field}-regex",
+            metavar="REGEX",
+            type=_regex,
+            help=f"a Python regular expression found in {text}, ignoring case",
+        )
+    group.add_argument(
         "--older-than", metavar="AGE", type=_duration, help="received before AGE ago (30m, 2h, 3d)"
+    )
+    group.add_argument(
+        "--younger-than", metavar="AGE", type=_duration, help="received less than AGE ago"
+    )
+    group.add_argument(
+        "--larger-than", metavar="SIZE", type=_size, help="larger than SIZE bytes (10k, 1M, 2MiB)"
     )
 
 
@@ -166,75 +234,63 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Which messages a listing or an action covers: a message matches when every
-    message filter matches and one of its recipients matches every recipient filter.
-    By default only recipients still pending count."""
-
-    domain: str | None = None
-    state: str | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    older_than: float | None = None
-    include_final: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Selection:
-        try:
-            domain = normalize_domain(args.domain) if args.domain else None
-        except ValueError as error:
-            raise CommandError(f"--domain: {error}") from error
-        return cls(
-            domain=domain,
-            state=args.state,
-            sender=args.sender,
-            recipient=args.recipient,
-            older_than=args.older_than,
-            include_final=getattr(args, "all", False)
-            or (args.state is not None and State(args.state) in FINAL),
-        )
-
-    @property
-    def filtered(self) -> bool:
-        fields = (self.domain, self.state, self.sender, self.recipient, self.older_than)
-        return any(f is not None for f in fields)
-
-    def matches(self, message: MessageView, now: datetime) -> bool:
-        if self.sender is not None and not _like(message.sender, self.sender):
-            return False
-        if self.older_than is not None and (
-            message.received_at > now - timedelta(seconds=self.older_than)
-        ):
-            return False
-        return any(self._recipient_matches(r) for r in message.recipients)
-
-    def _recipient_matches(self, r: RecipientView) -> bool:
-        if self.state is not None:
-            if r.state != self.state:
-                return False
-        elif not self.include_final and State(r.state) in FINAL:
-            return False
-        if self.domain is not None and r.domain != self.domain:
-            return False
-        return self.recipient is None or _like(r.address, self.recipient)
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
-def _like(address: str, pattern: str) -> bool:
-    """Case-insensitive glob; "<>" (or "") is the null sender."""
-    if pattern in ("<>", ""):
-        return address == ""
-    return fnmatch.fnmatchcase(address.lower(), pattern.lower())
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return pattern(text)
+    except re.error as error:
+        message = f"{text!r} is not a regular expression: {error}"
+        raise argparse.ArgumentTypeError(message) from error
 
 
-async def select(store: Store, selection: Selection) -> AsyncIterator[MessageView]:
-    """The messages a selection covers, in queue-id order, read a page at a time."""
-    now = datetime.now(UTC)
-    pages = store.message_pages(include_final=selection.include_final, domain=selection.domain)
-    async for page in pages:
-        for message in page:
-            if selection.matches(message, now):
-                yield message
+def selection_of(args: argparse.Namespace, ids: Sequence[str] | None) -> Selection:
+    """What the filters and IDs of a command line select.  IDs alone: every recipient
+    of those messages; otherwise the pending recipients unless a final state is asked
+    for or a listing says --all."""
+    try:
+        domain = normalize_domain(args.domain) if args.domain else None
+    except ValueError as error:
+        raise UsageError(f"--domain: {error}") from error
+    selection = Selection(
+        ids=None if ids is None else tuple(ids),
+        domain=domain,
+        state=args.state,
+        sender=args.sender,
+        recipient=args.recipient,
+        sender_regex=args.sender_regex,
+        recipient_regex=args.recipient_regex,
+        subject_regex=args.subject_regex,
+        client_regex=args.client_regex,
+        older_than=args.older_than,
+        younger_than=args.younger_than,
+        larger_than=args.larger_than,
+    )
+    include_final = (
+        (args.queue_verb == "list" and args.all)
+        or (args.state is not None and State(args.state) in FINAL)
+        or (ids is not None and not selection.filtered)
+    )
+    return replace(selection, include_final=include_final)
+
+
+async def known_ids(store: Store, given: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The IDs given, ``-`` replaced by those on standard input (separated by white
+    space), each once: those in the queue, and those not, each named on stderr."""
+    ids: list[str] = []
+    for arg in given:
+        ids += sys.stdin.read().split() if arg == "-" else [arg]
+    ids = list(dict.fromkeys(ids))
+    unknown = await store.unknown(ids)
+    for queue_id in unknown:
+        print(f"backupmx: {printable(queue_id)}: no such message in the queue", file=sys.stderr)
+    missing = set(unknown)
+    return [i for i in ids if i not in missing], unknown
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:
@@ -242,9 +298,8 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     try:
         verb = args.queue_verb
         if verb == "list":
-            found = oldest_first([m async for m in select(store, Selection.from_args(args))])
-            print(_json([m.to_json() for m in found]) if args.json else render_list(found))
-        elif verb in ACTIONS:
+            return await run_list(store, args)
+        if verb in ACTIONS:
             return await run_action(store, args, config)
         elif verb == "export":
             message = await store.message(args.id)
@@ -264,80 +319,158 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             else:
                 message = await store.message(args.id)
                 spam = await store.spam_record(args.id)
+                histories = await store.histories(message)
                 if args.json:
-                    print(_json({**message.to_json(), "spam": spam.to_json()}))
+                    shown = {**message.to_json(), "spam": spam.to_json()}
+                    for view, r in zip(shown["recipients"], message.recipients, strict=True):
+                        view.update(histories[r.id].to_json())
+                    print(_json(shown))
                 else:
-                    print(render_message(message, await store.body(args.id), spam))
+                    body = await store.body(args.id)
+                    print(render_message(message, body, spam, histories))
         elif verb == "flush":
             if bool(args.ids) + bool(args.domain) + bool(args.all) != 1:
-                raise CommandError("queue flush takes IDs, --domain D or --all (one of them)")
-            domain = normalize_domain(args.domain) if args.domain else None
-            due = await store.make_due(domain=domain, ids=args.ids or None, retry_down=True)
+                raise UsageError("queue flush takes IDs, --domain D or --all (one of them)")
+            try:
+                domain = normalize_domain(args.domain) if args.domain else None
+            except ValueError as error:
+                raise UsageError(f"--domain: {error}") from error
+            ids, unknown = await known_ids(store, args.ids) if args.ids else (None, [])
+            due = await store.make_due(domain=domain, ids=ids, retry_down=True)
             if args.json:
-                print(_json({"action": "flush", "recipients": due}))
+                print(_json({"action": "flush", "recipients": due, "unknown": unknown}))
             else:
                 print(f"flush: {due} recipient(s) due now")
+            return 1 if unknown else 0
         elif verb == "stats":
             stats = await store.stats()
             print(_json(stats.to_json()) if args.json else render_stats(stats))
+        elif verb == "shape":
+            from backupmx.cli import shape
+
+            return await shape.run(store, args)
         return 0
     finally:
         await store.close()
 
 
+async def run_list(store: Store, args: argparse.Namespace) -> int:
+    """The selected messages, streamed a page at a time.  Exit status 1 when an ID
+    given is not in the queue (the others are listed)."""
+    ids, unknown = await known_ids(store, args.ids) if args.ids else (None, [])
+    selection = selection_of(args, ids)
+    pages = store.pages(selection)
+    found = (m async for page in pages for m in page)
+    if args.count:
+        messages = recipients = 0
+        async for m in found:
+            messages, recipients = messages + 1, recipients + len(m.recipients)
+        print(_json({"messages": messages, "recipients": recipients}) if args.json else messages)
+    elif args.ids_only and args.json:
+        await write_json_array((m.id async for m in found), sys.stdout)
+    elif args.ids_only:
+        async for m in found:
+            print(m.id)
+    elif args.json:
+        await write_json_array((m.to_json() async for m in found), sys.stdout)
+    elif not await write_list(pages, sys.stdout):
+        print("no message matches" if selection.filtered or ids is not None else "queue is empty")
+    return 1 if unknown else 0
+
+
 async def run_action(store: Store, args: argparse.Namespace, config: Config) -> int:
-    """hold, release, requeue, delete or bounce: the IDs given, or what the filters select.
-    Exit status 1 when a hold or a delete left recipients being sent alone."""
+    """hold, release, requeue, delete or bounce of the recipients selected.  Exit
+    status 1 when an ID given is not in the queue, or when a hold or a delete left
+    recipients being sent alone."""
     verb = args.queue_verb
-    selection = Selection.from_args(args)
-    if args.ids and selection.filtered:
-        raise CommandError(f"queue {verb} takes IDs or filters, not both")
-    if not args.ids and not selection.filtered:
-        raise CommandError(f"queue {verb} needs IDs or a filter (--domain, --sender, …)")
-    ids = list(args.ids) or [m.id async for m in select(store, selection)]
-    if selection.filtered and not args.yes:
-        if args.json:
-            print(_json({"action": verb, "dry_run": True, "messages": len(ids), "ids": ids}))
-        else:
-            print(f"{verb}: would act on {len(ids)} message(s); run again with --yes to do it")
-        return 0
-    changed = 0
+    ids, unknown = await known_ids(store, args.ids) if args.ids else (None, [])
+    selection = selection_of(args, ids)
+    if args.all and (ids is not None or selection.filtered):
+        raise UsageError(f"queue {verb} --all takes no IDs or filters")
+    if ids is None and not selection.filtered and not args.all:
+        raise UsageError(
+            f"queue {verb} needs IDs (- reads them from standard input), a filter or --all"
+        )
+    if ids is None and selection.filtered and not args.yes:
+        return await dry_run(store, verb, selection, args.json)
+    messages = recipients = changed = deleted = 0
     in_flight: list[InFlight] = []
     deadline = time.monotonic() + getattr(args, "wait", 0.0)
-    progress = Progress(verb, len(ids))
-    for start in range(0, len(ids), BATCH):
-        batch = ids[start : start + BATCH]
-        if verb in WAITING_ACTIONS:
-            await wait_while_sending(store, verb, batch, deadline)
-        acted = await apply_action(store, verb, batch, config)
-        changed += acted.changed
-        in_flight += acted.in_flight
-        progress.advance(len(batch))
+    progress = Progress(verb, None if ids is None else len(ids))
+    async for page in store.pages(selection, BATCH):
+        chosen = [r.id for m in page for r in m.recipients]
+        for start in range(0, len(chosen), RECIPIENT_BATCH):
+            batch = chosen[start : start + RECIPIENT_BATCH]
+            if verb in WAITING_ACTIONS:
+                await wait_while_sending(store, verb, batch, deadline)
+            acted = await apply_action(store, verb, batch, config)
+            changed, deleted = changed + acted.changed, deleted + acted.deleted
+            in_flight += acted.in_flight
+        messages, recipients = messages + len(page), recipients + len(chosen)
+        progress.advance(len(page))
     progress.done()
-    noun = "message(s)" if verb == "delete" else "recipient(s)"
     if args.json:
         done: dict[str, Any] = {
             "action": verb,
             "dry_run": False,
-            "messages": len(ids),
-            "changed": changed,
+            "messages": messages,
+            "recipients": recipients,
+            # As before recipients were selected: a delete counts the messages it removed.
+            "changed": deleted if verb == "delete" else changed,
+            "unknown": unknown,
         }
+        if verb == "delete":
+            done["removed"] = changed
         if verb in WAITING_ACTIONS:
             done["in_flight"] = [r.to_json() for r in in_flight]
         print(_json(done))
     else:
         if verb == "bounce":
             print(f"bounce: {changed} recipient(s) bounced, DSNs queued")
+        elif verb == "delete":
+            print(
+                f"delete: {changed} recipient(s) of {messages} message(s) removed,"
+                f" {deleted} message(s) deleted with their last recipient"
+            )
         else:
-            print(f"{verb}: {changed} {noun} of {len(ids)} message(s)")
+            print(f"{verb}: {changed} recipient(s) of {messages} message(s)")
         for line in left_alone(verb, in_flight):
             print(f"backupmx: {line}", file=sys.stderr)
-    return 1 if in_flight else 0
+    return 1 if in_flight or unknown else 0
 
 
-async def wait_while_sending(store: Store, verb: str, ids: Sequence[str], deadline: float) -> None:
-    """Wait until no recipient of these messages is being sent, or until `deadline`."""
-    sending = await store.in_flight(ids)
+async def dry_run(store: Store, verb: str, selection: Selection, as_json: bool) -> int:
+    """What an action given filters alone would act on, without --yes."""
+    ids: list[str] = []
+    recipients = 0
+    async for page in store.pages(selection, BATCH):
+        ids += [m.id for m in page]
+        recipients += sum(len(m.recipients) for m in page)
+    if as_json:
+        print(
+            _json(
+                {
+                    "action": verb,
+                    "dry_run": True,
+                    "messages": len(ids),
+                    "recipients": recipients,
+                    "ids": ids,
+                }
+            )
+        )
+    else:
+        print(
+            f"{verb}: would act on {recipients} recipient(s) of {len(ids)} message(s);"
+            " run again with --yes to do it"
+        )
+    return 0
+
+
+async def wait_while_sending(
+    store: Store, verb: str, recipient_ids: Sequence[int], deadline: float
+) -> None:
+    """Wait until none of these recipients is being sent, or until `deadline`."""
+    sending = await store.in_flight(recipient_ids)
     if sending and sys.stderr.isatty():
         wait = max(deadline - time.monotonic(), 0)
         print(
@@ -346,7 +479,7 @@ async def wait_while_sending(store: Store, verb: str, ids: Sequence[str], deadli
         )
     while sending and time.monotonic() < deadline:
         await asyncio.sleep(POLL)
-        sending = await store.in_flight(ids)
+        sending = await store.in_flight(recipient_ids)
 
 
 def left_alone(verb: str, in_flight: Sequence[InFlight]) -> list[str]:
@@ -358,53 +491,74 @@ def left_alone(verb: str, in_flight: Sequence[InFlight]) -> list[str]:
     ]
 
 
-async def apply_action(store: Store, verb: str, ids: Sequence[str], config: Config) -> Acted:
-    """One batch: how many recipients changed (messages, for delete), and for hold and
-    delete the recipients being sent that they left alone."""
+async def apply_action(
+    store: Store, verb: str, recipient_ids: Sequence[int], config: Config
+) -> Acted:
+    """One batch of recipients: how many changed (were removed, for delete), and for
+    hold and delete those being sent that they left alone."""
     if verb == "delete":
-        return await store.delete(ids)
+        return await store.delete(recipient_ids)
     if verb == "hold":
-        return await store.hold(ids)
+        return await store.hold(recipient_ids)
     if verb == "release":
-        return Acted(await store.release(ids), [])
+        return Acted(await store.release(recipient_ids), [])
     if verb == "requeue":
-        released = await store.release(ids)
-        return Acted(released + await store.make_due(ids=ids, retry_down=True), [])
+        released = await store.release(recipient_ids)
+        due = await store.make_due(recipient_ids=recipient_ids, retry_down=True)
+        return Acted(released + due, [])
     notices = Notices(config.hostname, config.delivery.max_queue_lifetime)
     bounced = 0
     # sweep takes a bounded number of recipients per transaction: repeat until none is left.
-    while swept := await store.sweep(Event.BOUNCE, notices.for_admin_bounce, ids=ids):
+    while swept := await store.sweep(
+        Event.BOUNCE, notices.for_admin_bounce, recipient_ids=recipient_ids
+    ):
         bounced += swept
     return Acted(bounced, [])
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal and for more than one batch."""
+    """A one-line progress bar on stderr, drawn only on a terminal and for more than one
+    batch; a count of messages when the total is not known in advance (filters)."""
 
     WIDTH = 30
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, label: str, total: int | None, stream: TextIO | None = None) -> None:
         self.label = label
         self.total = total
         self.stream = stream or sys.stderr
         self.count = 0
-        self.shown = self.stream.isatty() and total > BATCH
+        self.shown = self.stream.isatty() and (total is None or total > BATCH)
+        self.drawn = False
 
     def advance(self, count: int) -> None:
         self.count += count
-        if self.shown:
+        if self.shown and (self.total is not None or self.count > BATCH):
             self.stream.write("\r" + self.line())
             self.stream.flush()
+            self.drawn = True
 
     def line(self) -> str:
+        if self.total is None:
+            return f"{self.label} {self.count} message(s)"
         filled = self.WIDTH * self.count // max(self.total, 1)
         bar = "#" * filled + "." * (self.WIDTH - filled)
         return f"{self.label} [{bar}] {self.count}/{self.total}"
 
     def done(self) -> None:
-        if self.shown:
+        if self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+async def write_json_array(items: AsyncIterator[Any], out: TextIO) -> int:
+    """`items` as one JSON array, written element by element, byte for byte as `_json`
+    writes the whole list; how many there were."""
+    count = 0
+    async for item in items:
+        out.write(("[\n" if count == 0 else ",\n") + textwrap.indent(_json(item), "  "))
+        count += 1
+    out.write("\n]\n" if count else "[]\n")
+    return count
 
 
 def _json(value: Any) -> str:
@@ -438,34 +592,56 @@ def printable(text: str) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     rows = [[printable(cell) for cell in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
+    widths = column_widths(headers, rows)
+    return "\n".join(aligned(row, widths) for row in [headers, *rows])
 
 
-def render_list(found: Sequence[MessageView]) -> str:
-    if not found:
-        return "queue is empty"
-    rows = []
-    for m in found:
-        for i, r in enumerate(m.recipients):
-            rows.append(
-                [
-                    m.id if i == 0 else "",
-                    _age(m.received_at) if i == 0 else "",
-                    str(m.size) if i == 0 else "",
-                    (m.sender or "<>") if i == 0 else "",
-                    r.address,
-                    r.state,
-                    str(r.attempts),
-                    r.last_error or "",
-                ]
-            )
-    recipients = sum(len(m.recipients) for m in found)
-    return table(
-        ["ID", "AGE", "SIZE", "SENDER", "RECIPIENT", "STATE", "TRIES", "LAST ERROR"], rows
-    ) + (f"\n-- {len(found)} message(s), {recipients} recipient(s)")
+def column_widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    return [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+
+def aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+LIST_HEADERS = ["ID", "AGE", "SIZE", "SENDER", "RECIPIENT", "STATE", "TRIES", "LAST ERROR"]
+
+
+async def write_list(pages: AsyncIterator[list[MessageView]], out: TextIO) -> bool:
+    """The table of `queue list`, a page at a time: its columns are as wide as the
+    first page needs, and widen for a longer cell of a later page.  False when
+    there was nothing to list."""
+    widths: list[int] | None = None
+    messages = recipients = 0
+    async for page in pages:
+        rows = [[printable(cell) for cell in row] for m in page for row in list_rows(m)]
+        needed = column_widths(LIST_HEADERS, rows)
+        if widths is None:
+            out.write(aligned(LIST_HEADERS, needed) + "\n")
+        widths = [max(pair) for pair in zip(widths or needed, needed, strict=True)]
+        out.write("".join(aligned(row, widths) + "\n" for row in rows))
+        messages += len(page)
+        recipients += len(rows)
+    if messages:
+        out.write(f"-- {messages} message(s), {recipients} recipient(s)\n")
+    return messages > 0
+
+
+def list_rows(m: MessageView) -> list[list[str]]:
+    """A message's rows: the first with the envelope, one per listed recipient."""
+    return [
+        [
+            m.id if i == 0 else "",
+            _age(m.received_at) if i == 0 else "",
+            str(m.size) if i == 0 else "",
+            (m.sender or "<>") if i == 0 else "",
+            r.address,
+            r.state,
+            str(r.attempts),
+            r.last_error or "",
+        ]
+        for i, r in enumerate(m.recipients)
+    ]
 
 
 def _require_body(message: MessageView) -> None:
@@ -476,7 +652,12 @@ def _require_body(message: MessageView) -> None:
         )
 
 
-def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) -> str:
+def render_message(
+    m: MessageView,
+    body: bytes,
+    spam: SpamRecord | None = None,
+    histories: dict[int, History] | None = None,
+) -> str:
     header_end = body.find(b"\r\n\r\n")
     headers = body[: header_end if header_end >= 0 else len(body)].decode("utf-8", "replace")
     if m.finished_at is not None:
@@ -515,9 +696,29 @@ def render_message(m: MessageView, body: bytes, spam: SpamRecord | None = None) 
                 ["RECIPIENT", "STATE", "SENDING ON", "TRIES", "NEXT ATTEMPT", "LAST ERROR"], rows
             ),
             "",
+            *([render_attempts(m, histories), ""] if histories is not None else []),
             "\n".join(printable(line) for line in headers.split("\r\n")),
         ]
     )
+
+
+def render_attempts(m: MessageView, histories: dict[int, History]) -> str:
+    """Each recipient's kept delivery attempts, oldest first, after a line saying how
+    many earlier ones are not kept."""
+    rows = []
+    for r in m.recipients:
+        history = histories[r.id]
+        lines = [
+            [str(a.number), a.at.isoformat(timespec="seconds"), a.host or "-", a.outcome,
+             a.reply or ""]
+            for a in history.attempts
+        ]  # fmt: skip
+        if history.not_kept:
+            lines.insert(0, ["…", "", "", "", f"{history.not_kept} earlier attempt(s) not kept"])
+        rows += [[r.address if i == 0 else "", *line] for i, line in enumerate(lines)]
+    if not rows:
+        return "no delivery attempt yet"
+    return table(["RECIPIENT", "ATTEMPT", "AT", "HOST", "OUTCOME", "REPLY"], rows)
 
 
 def _spam(spam: SpamRecord | None) -> str:

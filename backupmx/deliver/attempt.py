@@ -4,8 +4,9 @@ Pure: no sockets, no store, no clock (the time comes in as an argument).  The
 deliverer and the SMTP client do the I/O and ask here what it means:
 
 * before sending — a domain without a route (`without_route`: bounced for a
-  null MX or NXDOMAIN, deferred otherwise), a primary that failed while the
-  message waited for its turn (`dead_destination`), a message the primary
+  null MX or the NXDOMAIN of a domain not backed up, deferred otherwise), a
+  primary that failed while the message waited for its turn
+  (`dead_destination`), a message the primary
   cannot take (`refusal`: SMTPUTF8, SIZE);
 * while sending — which replies accept a sender or recipient (`accepted`), what
   the reply ending DATA means (`after_data`), which replies are signs of
@@ -13,7 +14,8 @@ deliverer and the SMTP client do the I/O and ask here what it means:
   when the connection breaks (`broken_off`);
 * after sending — no host could be reached (`unreachable`), what the report
   tells the pacer (`pacer_feedback`) and whether the connection is kept
-  (`keeps_connection`), and the rows for the store (`retry_time`, `result`).
+  (`keeps_connection`), the log lines (`log_events`: per message, per recipient
+  only where its outcome differs), and the rows for the store (`retry_time`, `result`).
 
 Invariants kept here: every recipient of an attempt gets exactly one outcome, in
 its place; a recipient is delivered only by a 2xx to the body sent after 354; the
@@ -133,6 +135,34 @@ def keeps_connection(report: SendReport, sent: int, messages_per_connection: int
     return report.usable and sent < messages_per_connection
 
 
+def log_events(
+    claims: Sequence[Claim], outcomes: Sequence[Outcome]
+) -> list[tuple[str, dict[str, str | int]]]:
+    """How one message's attempt is logged: per message, with per-recipient detail only
+    where it differs.  The most common outcome (verdict and reply; the first of equals)
+    is one ``message_<verdict>`` event with its count of ``recipients`` (and the
+    ``recipient`` when there is one); every recipient whose outcome differs gets a
+    ``recipient_<verdict>`` event of its own.  So each retry of a 1,000-recipient
+    message is one line, not 1,000, and a 550 among acceptances still names its
+    recipient."""
+    groups: dict[tuple[Verdict, str], list[str]] = {}
+    for claim, outcome in zip(claims, outcomes, strict=True):
+        groups.setdefault((outcome.verdict, outcome.diagnostic), []).append(claim.address)
+    common = max(groups, key=lambda key: len(groups[key]))
+    verdict, reply = common
+    addresses = groups.pop(common)
+    summary: dict[str, str | int] = {"recipients": len(addresses), "reply": reply}
+    if len(addresses) == 1:
+        summary["recipient"] = addresses[0]
+    events = [(f"message_{verdict.value}", summary)]
+    for (verdict, reply), addresses in groups.items():
+        events += [
+            (f"recipient_{verdict.value}", {"recipient": address, "reply": reply})
+            for address in addresses
+        ]
+    return events
+
+
 def retry_time(
     now: datetime,
     claims: Sequence[Claim],
@@ -144,9 +174,10 @@ def retry_time(
     return next_attempt(now, max(c.attempts for c in claims), retry_min, retry_max, rng)
 
 
-def result(claim: Claim, outcome: Outcome, retry_at: datetime) -> Result:
-    """The row for the store: the verdict's event; the reply unless delivered; the retry
-    time only for a deferral."""
+def result(claim: Claim, outcome: Outcome, retry_at: datetime, host: str | None) -> Result:
+    """The row for the store: the verdict's event; the reply as the last error unless
+    delivered; the retry time only for a deferral; and for the attempt history the host
+    that answered (None: no connection was made) and the reply, a delivery's too."""
     event = VERDICT_EVENTS[outcome.verdict]
     error = None if event is Event.SUCCESS else outcome.diagnostic
     return Result(
@@ -155,4 +186,6 @@ def result(claim: Claim, outcome: Outcome, retry_at: datetime) -> Result:
         error,
         retry_at if event is Event.TEMPFAIL else None,
         claim.attempts,
+        host,
+        outcome.diagnostic,
     )

@@ -27,6 +27,7 @@ sign of congestion (421, 4xx to MAIL or DATA, timeouts) for the pacer.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -331,6 +332,13 @@ async def _tcp_connect(target: Target, seconds: float) -> socket.socket:
 
 
 def _connect_failed(target: Target, error: Exception) -> ConnectFailed:
+    """The reason by its errno ("Connection refused"): uvloop's text for a refused
+    connect is "Connect call failed ('192.0.2.1', 25)", which names no cause."""
     cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
-    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error)
+    if isinstance(cause, OSError) and cause.errno:
+        reason = os.strerror(cause.errno)
+    elif isinstance(cause, OSError) and cause.strerror:
+        reason = cause.strerror
+    else:
+        reason = str(error)
     return ConnectFailed(f"connect to {target}: {reason}")

@@ -51,6 +51,7 @@ from backupmx.deliver.attempt import (
     SendReport,
     dead_destination,
     keeps_connection,
+    log_events,
     pacer_feedback,
     result,
     retry_time,
@@ -418,15 +419,11 @@ class Deliverer:
         if any(o.verdict is Verdict.DELIVERED for o in outcomes):
             self.delivered += 1
         for claim, outcome in zip(claims, outcomes, strict=True):
-            results.append(result(claim, outcome, retry_at))
+            results.append(result(claim, outcome, retry_at, str(where) if where else None))
             metrics.recipient_result(claim.domain, outcome.verdict.value, message.received_at)
-            log.info(
-                "recipient_" + outcome.verdict.value,
-                queue_id=message.id,
-                recipient=claim.address,
-                relay=str(where) if where else None,
-                reply=outcome.diagnostic,
-            )
+        relay = str(where) if where else None
+        for event, fields in log_events(claims, outcomes):
+            log.info(event, queue_id=message.id, domain=claims[0].domain, relay=relay, **fields)
         notices = self.notices(message, claims, outcomes, where, dsn_supported)
         await self._store(results, notices)
 

@@ -160,13 +160,14 @@ class Claims(QueueDatabase):
         *,
         domain: str | None = None,
         ids: Sequence[str] | None = None,
+        recipient_ids: Sequence[int] | None = None,
         retry_down: bool = False,
         now: datetime | None = None,
     ) -> int:
-        """Queued recipients (of a domain, of some messages, or all) become due now:
-        a flush, an ETRN, or a primary that came back.  With `retry_down` (an
-        operator's flush), domains marked down are tried again too (RETRY), in the
-        shared state and in every node's own view."""
+        """Queued recipients (of a domain, of some messages, some recipients, or all)
+        become due now: a flush, a requeue, an ETRN, or a primary that came back.
+        With `retry_down` (an operator's flush), domains marked down are tried again
+        too (RETRY), in the shared state and in every node's own view."""
         now = now or utcnow()
         if retry_down:
             async with self.engine.begin() as conn:
@@ -194,6 +195,8 @@ class Claims(QueueDatabase):
             async with self.engine.connect() as conn:
                 await self._require(conn, ids)
             condition.append(recipients.c.message_id.in_(ids))
+        if recipient_ids is not None:
+            condition.append(recipients.c.id.in_(recipient_ids))
         async with self.engine.begin() as conn:
             outcome = await conn.execute(
                 update(recipients).where(*condition).values(next_attempt_at=now, updated_at=now)

@@ -1,17 +1,19 @@
 """The inventory: what the queue holds, read for people and for the metrics.
 
-Listings of messages with their recipients (``backupmx queue list``, the bulk
-actions' selections), one message and its body (``queue show``), the counts by
+Listings of messages with the recipients a `Selection` covers (``backupmx
+queue list``, the actions' selections), one message and its body (``queue
+show``), the counts by
 state and domain (``queue stats``, ``status``, the metrics), the ages of
 pending messages (``status``) and the nodes sharing the queue with the
 recipients each has in flight (``backupmx nodes``, ``status``).  Read-only:
 nothing here changes the queue.
 
-Promises: a listing of millions of messages is read a page at a time along the
-primary key, each page on its own connection, so it holds neither the queue in
-memory nor a read snapshot open for its whole run; counts are grouped queries,
-so the status screen stays quick during a long outage.  Unknown queue ids
-raise `UnknownMessage`.  Finished messages (all recipients final, body removed)
+Promises: a listing of millions of messages is read a page at a time in
+received order (oldest first), each page on its own connection, so it holds
+neither the queue in memory nor a read snapshot open for its whole run; counts
+are grouped queries, so the status screen stays quick during a long outage.
+`message` and `body` raise `UnknownMessage` for an unknown queue id; `unknown`
+names those of a list.  Finished messages (all recipients final, body removed)
 are listed only with ``include_final``, until ``keep_finished`` removes them.
 """
 
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import LargeBinary, case, func, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -35,52 +37,76 @@ from backupmx.queue.records import (
     Stats,
     UnknownMessage,
     node_state,
-    oldest_first,
     utcnow,
 )
+from backupmx.queue.selection import HEAD_BYTES, Selection, subject_of
 from backupmx.queue.state import PENDING, PrimaryState, State
 
 _MESSAGE_COLUMNS = list(messages.c)
 _PENDING = sorted(PENDING)
+PAGE = 1000  # messages per page of a listing: one query each, a few MB at most
 
 
 class Inventory(QueueDatabase):
     async def messages(
         self, *, include_final: bool = False, domain: str | None = None
     ) -> list[MessageView]:
-        """Messages oldest first; by default only those with a recipient still pending."""
-        pages = self.message_pages(include_final=include_final, domain=domain)
-        return oldest_first([message async for page in pages for message in page])
+        """Messages oldest first, with their pending recipients (every recipient with
+        `include_final`), or those of `domain`: a short queue read whole (tests)."""
+        selection = Selection(domain=domain, include_final=include_final)
+        return [message async for page in self.pages(selection) for message in page]
 
-    async def message_pages(
-        self, *, include_final: bool = False, domain: str | None = None, size: int = 1000
+    async def pages(
+        self, selection: Selection, size: int = PAGE
     ) -> AsyncIterator[list[MessageView]]:
-        """The messages of `messages`, `size` at a time in queue-id order (arrival,
-        to the microsecond), each page read on its own along the primary key: a bulk
-        action over a queue of millions holds one page, not the queue, and holds no
-        read snapshot open for its whole run."""
-        query = select(*_MESSAGE_COLUMNS).order_by(messages.c.id)
-        if not include_final:
-            query = query.where(messages.c.finished_at.is_(None))
-        if domain:
-            wanted = select(recipients.c.id).where(
-                recipients.c.message_id == messages.c.id,
-                recipients.c.domain == domain.lower(),
-            )
-            if not include_final:
-                wanted = wanted.where(recipients.c.state.in_(_PENDING))
-            query = query.where(wanted.exists())
-        after = ""
+        """The messages `selection` covers, each with its selected recipients, oldest
+        first (received time, then queue id), `size` messages read at a time.
+
+        Each page is read on its own connection, after the last one along
+        (received_at, id), through ix_messages_pending for pending mail: a listing
+        of a million messages holds one page, not the queue, holds no read snapshot
+        open for its whole run, and sees neither a message twice nor one skipped
+        when an action changes or deletes those already read.  Selected IDs are read
+        `size` at a time in the order given, each page oldest first."""
+        now = utcnow()
+        query = _selected(selection, now).order_by(messages.c.received_at, messages.c.id)
+        if selection.ids is not None:
+            for start in range(0, len(selection.ids), size):
+                chunk = selection.ids[start : start + size]
+                page = await self._page(query.where(messages.c.id.in_(chunk)), selection, now)
+                if page:
+                    yield page
+            return
+        last: Row[Any] | None = None
         while True:
+            after = query
+            if last is not None:
+                after = query.where(
+                    messages.c.received_at >= last.received_at,
+                    or_(messages.c.received_at > last.received_at, messages.c.id > last.id),
+                )
             async with self.engine.connect() as conn:
-                page = query.where(messages.c.id > after).limit(size)
-                rows = (await conn.execute(page)).all()
-                views = await _views(conn, rows)
-            if views:
-                yield views
+                rows = (await conn.execute(after.limit(size))).all()
+                page = await _narrowed(conn, rows, selection, now)
+            if page:
+                yield page
             if len(rows) < size:
                 return
-            after = rows[-1].id
+            last = rows[-1]
+
+    async def _page(self, query: Any, selection: Selection, now: datetime) -> list[MessageView]:
+        async with self.engine.connect() as conn:
+            return await _narrowed(conn, (await conn.execute(query)).all(), selection, now)
+
+    async def unknown(self, ids: Sequence[str]) -> list[str]:
+        """The queue ids among `ids` that name no message in the queue, in their order."""
+        found: set[str] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(ids), PAGE):
+                chunk = ids[start : start + PAGE]
+                known = select(messages.c.id).where(messages.c.id.in_(chunk))
+                found.update((await conn.execute(known)).scalars())
+        return [i for i in ids if i not in found]
 
     async def message(self, message_id: str) -> MessageView:
         async with self.engine.connect() as conn:
@@ -186,7 +212,67 @@ class Inventory(QueueDatabase):
         return [n - previous for previous, n in zip([0, *cumulative], cumulative, strict=False)]
 
 
-async def _views(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[MessageView]:
+def _selected(selection: Selection, now: datetime) -> Any:
+    """The messages query of a selection, narrowed in SQL as far as SQL goes."""
+    query = select(*_MESSAGE_COLUMNS)
+    if selection.only_pending:  # ix_messages_pending, in received order
+        query = query.where(messages.c.finished_at.is_(None))
+    if (before := selection.received_before(now)) is not None:
+        query = query.where(messages.c.received_at < before)
+    if (after := selection.received_after(now)) is not None:
+        query = query.where(messages.c.received_at > after)
+    if selection.larger_than is not None:
+        query = query.where(messages.c.size > selection.larger_than)
+    if selection.state is not None or selection.domain is not None:
+        wanted = select(recipients.c.id).where(
+            recipients.c.message_id == messages.c.id, *_recipient_terms(selection)
+        )
+        query = query.where(wanted.exists())
+    return query
+
+
+def _recipient_terms(selection: Selection) -> list[Any]:
+    terms: list[Any] = []
+    if (states := selection.states) is not None:
+        # state || '': no index on state for this term, so that the planner walks the
+        # page's recipients (ix_recipients_message), not every one in these states.
+        terms.append((recipients.c.state + "").in_(states))
+    if selection.domain is not None:
+        terms.append(recipients.c.domain == selection.domain)
+    return terms
+
+
+async def _narrowed(
+    conn: AsyncConnection, rows: Sequence[Row[Any]], selection: Selection, now: datetime
+) -> list[MessageView]:
+    """The messages of `rows` as `selection` narrows them (each with its selected
+    recipients; none without one)."""
+    views = await _views(conn, rows, _recipient_terms(selection))
+    subjects: dict[str, str] = {}
+    if selection.needs_subject:
+        subjects = await _subjects(conn, [v.id for v in views if v.recipients])
+    narrowed = (selection.narrow(v, now, subjects.get(v.id, "")) for v in views)
+    return [m for m in narrowed if m is not None]
+
+
+async def _subjects(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, str]:
+    """The Subject of each message, decoded from the start of its body (a finished
+    message has none any more).  A hundred heads at a time: at most 10 MiB read."""
+    head = func.substr(bodies.c.body, 1, HEAD_BYTES, type_=LargeBinary)
+    subjects = {}
+    for start in range(0, len(ids), 100):
+        query = select(bodies.c.message_id, head).where(
+            bodies.c.message_id.in_(ids[start : start + 100])
+        )
+        for message_id, start_of_body in await conn.execute(query):
+            subjects[message_id] = subject_of(bytes(start_of_body))
+    return subjects
+
+
+async def _views(
+    conn: AsyncConnection, rows: Sequence[Row[Any]], terms: Sequence[Any] = ()
+) -> list[MessageView]:
+    """The messages of `rows` with their recipients (those that match `terms`)."""
     by_message: dict[str, list[RecipientView]] = {row.id: [] for row in rows}
     ids = list(by_message)
     # Mail never tried because its primary is down says why it waits: the domain's reason.
@@ -195,7 +281,9 @@ async def _views(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Messag
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         result = await conn.execute(
-            select(recipients).where(recipients.c.message_id.in_(chunk)).order_by(recipients.c.id)
+            select(recipients)
+            .where(recipients.c.message_id.in_(chunk), *terms)
+            .order_by(recipients.c.id)
         )
         for r in result:
             last_error = r.last_error

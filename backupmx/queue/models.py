@@ -1,4 +1,5 @@
-"""The queue's tables: one row per message, one per body, one per recipient.
+"""The queue's tables: one row per message, one per body, one per recipient, and
+each recipient's last delivery attempts.
 
 A message whose recipients are all final is *finished*: its body is deleted in
 the transaction that records the last result, and its row and recipients stay,
@@ -148,6 +149,27 @@ recipients = Table(
     Index("ix_recipients_message", "message_id"),
     # Finished deliveries feed the recipient-verification cache (Store.learn_recipients).
     Index("ix_recipients_finished", "state", "updated_at"),
+)
+
+# Each recipient's last delivery attempts, for `queue show` (`backupmx.queue.attempts`):
+# written with the result, at most `KEPT_ATTEMPTS` per recipient, and gone with the
+# recipient.  Without rowid on SQLite: the rows live in primary-key order, so a
+# recipient's history is one short range to read, append to and trim.
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column(
+        "recipient_id",
+        BigInteger,
+        ForeignKey("recipients.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("number", Integer, primary_key=True),  # the claim's `recipients.attempts`
+    Column("at", UTCDateTime, nullable=False),
+    Column("host", Text),  # "mx.example.net[192.0.2.1]:25"; NULL: no host answered
+    Column("outcome", String(16), nullable=False),  # delivered, deferred, bounced, held
+    Column("reply", Text),  # the host's reply, or why there was none
+    sqlite_with_rowid=False,
 )
 
 # What the deliverer knows of each destination domain, for `backupmx domains` and

@@ -9,8 +9,8 @@ No I/O and no SQL here, so importing a record never pulls in a database driver.
 Promises: records are immutable once built (except `NewMessage`, which the
 receiver fills in before it commits); times are timezone-aware UTC, and
 ``to_json`` writes them as ``…Z`` (the JSON field names are a contract, see
-docs/contracts.md).  Admin operations on unknown queue ids raise
-`UnknownMessage` naming them.
+docs/contracts.md).  Reading or flushing an unknown queue id raises
+`UnknownMessage` naming it.
 """
 
 from __future__ import annotations
@@ -166,6 +166,11 @@ class Result:
     # the same recipient, by this node or another, is not applied.  None: any claim the
     # reporting node holds (callers that never lose a lease, such as the tests' own).
     claim_attempts: int | None = None
+    # For the recipient's attempt history (`backupmx.queue.attempts`): the host that
+    # answered ("mx.example.net[192.0.2.1]:25"; None: no connection was made) and its
+    # reply, a delivery's 250 included (None: `error` says what happened).
+    host: str | None = None
+    reply: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,40 @@ class RecipientView:
 
 
 @dataclass(frozen=True)
+class AttemptView:
+    """One delivery attempt of a recipient, as kept (`backupmx.queue.attempts`)."""
+
+    number: int  # the recipient's attempt count when it was made: 1, 2, …
+    at: datetime
+    host: str | None  # the host that answered; None when no connection was made
+    outcome: str  # delivered, deferred, bounced, held
+    reply: str | None  # its reply, or why there was none (connection refused, …)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.number,
+            "at": _iso(self.at),
+            "host": self.host,
+            "outcome": self.outcome,
+            "reply": self.reply,
+        }
+
+
+@dataclass(frozen=True)
+class History:
+    """A recipient's last attempts, oldest first, and how many earlier ones are not kept."""
+
+    attempts: list[AttemptView]
+    not_kept: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempts_history": [a.to_json() for a in self.attempts],
+            "attempts_not_kept": self.not_kept,
+        }
+
+
+@dataclass(frozen=True)
 class MessageView:
     id: str
     sender: str
@@ -301,8 +340,21 @@ class MessageView:
         }
 
 
-def oldest_first(found: Iterable[MessageView]) -> list[MessageView]:
-    return sorted(found, key=lambda m: (m.received_at, m.id))
+@dataclass(frozen=True)
+class ShapeRow:
+    """Pending mail of one domain by age (`backupmx.queue.shape`): ``buckets[i]`` counts
+    what is younger than the i-th bound asked for and not younger than the one before;
+    the last bucket what is older than every bound."""
+
+    domain: str  # lower case; "" for the null sender's messages
+    buckets: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.buckets)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.domain, "total": self.total, "buckets": list(self.buckets)}
 
 
 @dataclass(frozen=True)
@@ -409,11 +461,13 @@ class InFlight:
 
 @dataclass(frozen=True)
 class Acted:
-    """What an operator's hold or delete did: `changed` recipients held (messages
-    deleted), and the recipients being sent that it did not touch."""
+    """What an operator's hold or delete did: `changed` recipients held (removed),
+    the recipients being sent that it did not touch, and for a delete the messages
+    it removed whole (their last recipient removed)."""
 
     changed: int
     in_flight: list[InFlight]
+    deleted: int = 0
 
 
 class UnknownMessage(LookupError):

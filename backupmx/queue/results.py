@@ -14,6 +14,9 @@ Promises:
   together with their DSNs in one transaction (invariant 2 again).
 * Both finish the messages whose last recipient they made final, in the same
   transaction (`backupmx.queue.retention.finish`: the body goes).
+* `record` writes each applied result's attempt (host, reply) to the recipient's
+  history in the same transaction (`backupmx.queue.attempts`); a dropped result
+  writes none.
 
 Theory of operation.  Results of concurrent deliveries share a transaction
 (group commit, `backupmx.queue.writer`, as received mail does in the intake
@@ -27,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +39,7 @@ from sqlalchemy import bindparam, false, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from backupmx.queue import attempts
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
 from backupmx.queue.database import QueueDatabase, open_writer_engine
 from backupmx.queue.inserter import Inserter
@@ -110,6 +114,7 @@ def _fence(conn: Connection, batch: Sequence[_Report]) -> None:
             .with_for_update()
         )  # fmt: skip
         rows.update((row.id, row) for row in conn.execute(query))
+    taken: set[int] = set()  # a recipient leaves `sending` with the first result applied
     for report in batch:
         kept = []
         for result in report.results:
@@ -119,8 +124,10 @@ def _fence(conn: Connection, batch: Sequence[_Report]) -> None:
                 and row.state == State.SENDING.value
                 and row.lease_owner == report.owner
                 and result.claim_attempts in (None, row.attempts)
+                and result.recipient_id not in taken
             ):
-                kept.append(result)
+                taken.add(result.recipient_id)
+                kept.append(replace(result, claim_attempts=row.attempts))  # the attempt's number
                 continue
             log.warning(
                 "result_after_lease_lost",
@@ -198,6 +205,7 @@ class Results(QueueDatabase):
                 for event, params in _result_params(report, now).items():
                     outcome = conn.execute(_RESULT_STATEMENTS[event], params)
                     report.changed += outcome.rowcount
+            attempts.write(conn, [r for report in batch for r in report.results], now)
             final = [
                 result.recipient_id
                 for report in batch
@@ -216,12 +224,12 @@ class Results(QueueDatabase):
         notices_for: Callable[[list[Overdue]], list[NewMessage]],
         *,
         older_than: datetime | None = None,
-        ids: Sequence[str] | None = None,
+        recipient_ids: Sequence[int] | None = None,
         limit: int = 500,
         now: datetime | None = None,
     ) -> int:
         """Pending recipients of messages received before `older_than` (or of the
-        messages `ids`): apply `event` (EXPIRE, BOUNCE), or with None mark them
+        recipients `recipient_ids`): apply `event` (EXPIRE, BOUNCE), or with None mark them
         delay-warned; queue their DSNs in the same transaction (invariant 2)."""
         now = now or utcnow()
         states = sources(event) if event else [State.QUEUED.value, State.HELD.value]
@@ -238,8 +246,9 @@ class Results(QueueDatabase):
             candidates = candidates.where(messages.c.delay_warned == false())
         if older_than is not None:
             candidates = candidates.where(messages.c.received_at < older_than)
-        if ids is not None:
-            candidates = candidates.where(messages.c.id.in_(ids))
+        if recipient_ids is not None:
+            chosen_ids = select(recipients.c.message_id).where(recipients.c.id.in_(recipient_ids))
+            candidates = candidates.where(messages.c.id.in_(chosen_ids))
         chosen = candidates.subquery("chosen")
         query = (
             select(
@@ -260,9 +269,9 @@ class Results(QueueDatabase):
         )  # fmt: skip
         if event is None:
             query = query.where(recipients.c.delay_warned == false())
+        if recipient_ids is not None:
+            query = query.where(recipients.c.id.in_(recipient_ids))
         async with self.engine.begin() as conn:
-            if ids is not None:
-                await self._require(conn, ids)
             rows = (await conn.execute(query)).all()
             if not rows:
                 return 0

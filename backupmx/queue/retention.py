@@ -12,7 +12,9 @@ Promises:
   what is pending, and no body is dropped before its DSN (which carries it) is
   queued.
 * `forget_finished` deletes the records of messages finished before a moment
-  (message row and recipients; the body is long gone), `FORGET_BATCH` messages
+  (message row and recipients, and with these their attempt history,
+  `backupmx.queue.attempts`, by ``ON DELETE CASCADE``; the body is long gone),
+  `FORGET_BATCH` messages
   per transaction, so that receiving, which waits for SQLite's one writer,
   waits for one short batch at most.
 * `give_back_space` (SQLite) hands free pages back to the filesystem with

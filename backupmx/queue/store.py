@@ -13,6 +13,8 @@
   greylisting, spam records);
 * `backupmx.queue.admin` — an operator's hold, release, delete;
 * `backupmx.queue.inventory` — what the queue holds, read for people;
+* `backupmx.queue.attempts` — each recipient's last delivery attempts;
+* `backupmx.queue.shape` — pending mail by domain and age (``queue shape``);
 * `backupmx.queue.retention` — finished messages: their bodies go at once, their
   records after ``keep_finished``, and the space they took is given back;
 * `backupmx.queue.space` — the database's size and the free space beside it.
@@ -32,6 +34,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from backupmx.queue.admin import Admin
+from backupmx.queue.attempts import Attempts
 from backupmx.queue.claims import Claims
 from backupmx.queue.domains import Domains
 from backupmx.queue.intake import Intake
@@ -41,10 +44,13 @@ from backupmx.queue.nodes import Nodes
 from backupmx.queue.records import NewMessage
 from backupmx.queue.results import Results
 from backupmx.queue.retention import Retention
+from backupmx.queue.shape import Shape
 from backupmx.queue.space import Space
 
 
-class Store(Claims, Results, Domains, Nodes, Memory, Admin, Inventory, Retention, Space):
+class Store(
+    Claims, Results, Domains, Nodes, Memory, Admin, Inventory, Attempts, Shape, Retention, Space
+):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._intake = Intake(url)

@@ -138,7 +138,7 @@ def delivering_node(cluster: Cluster, at_least: int) -> Node:
 
 
 def delivered_since(node: Node, since: float) -> list[dict[str, Any]]:
-    """`node`'s ``recipient_delivered`` events logged after `since` (time.time())."""
+    """`node`'s delivery events (`Node.delivered`) logged after `since` (time.time())."""
     return [e for e in node.delivered() if event_time(e) > since]
 
 
@@ -159,7 +159,7 @@ def test_a_backlog_goes_out_once_from_both_nodes_within_the_clusters_connection_
     by_node = cluster.delivered_by_node()
     print(
         f"\nbacklog: {submission.summary()}; flushed in {seconds:.1f} s; {primary.summary()}; "
-        f"recipient_delivered by node {by_node}"
+        f"message_delivered by node {by_node}"
     )
     assert primary.duplicates() == {}
     assert primary.total == 2000
@@ -400,7 +400,12 @@ def test_hold_and_delete_of_mail_another_node_is_sending_never_claim_what_did_no
     assert deleted.returncode == 0, deleted.stderr
     wait_for(lambda: primary.total >= 2, 30, "both messages at the primary")
     assert primary.duplicates() == {}
-    states_now = recipient_states(cluster.database)
+    # The primary has both; the node's group commit records the first one's result.
+    states_now = wait_for(
+        lambda: (s := recipient_states(cluster.database)).get(first.queue_id) != ["sending"] and s,
+        30,
+        "the first message's result recorded",
+    )
     assert states_now.get(first.queue_id) == ["delivered"]  # not held: it said so
     assert second.queue_id not in states_now  # deleted once its delivery ended
     assert cluster.events("result_after_lease_lost") == []

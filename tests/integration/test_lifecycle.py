@@ -320,14 +320,16 @@ def test_queue_verbs_on_an_unknown_id_exit_1_naming_it(
     assert "Traceback" not in result.stderr
 
 
-def test_queue_hold_with_one_unknown_id_changes_nothing(server: ServerProcess) -> None:
+def test_queue_hold_with_one_unknown_id_holds_the_known_one_and_names_the_other(
+    server: ServerProcess,
+) -> None:
     known = send(server, [f"a@{DOMAIN}"])
     settled_queue(server)
     result = server.cli("queue", "hold", known, "NOPE", check=False)
     assert result.returncode == 1
-    assert "NOPE" in result.stderr and known not in result.stderr
+    assert result.stderr.strip() == "backupmx: NOPE: no such message in the queue"
     (message,) = settled_queue(server)
-    assert [r["state"] for r in message["recipients"]] == ["queued"]
+    assert [r["state"] for r in message["recipients"]] == ["held"]
 
 
 def test_queue_hold_release_delete(server: ServerProcess) -> None:

@@ -445,7 +445,7 @@ async def test_quiet_domains_rows_go_but_not_the_backed_up_ones_nor_those_with_m
     await store.enqueue(message("c@waiting.test"))
     held = message("d@held.test")
     await store.enqueue(held)
-    await store.hold([held.id])
+    await store.hold([r.id for r in (await store.message(held.id)).recipients])
 
     def ours(name: str) -> bool:
         return name == "ours.test"

@@ -11,7 +11,6 @@ import os
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import MetaData, text, update
 
 from backupmx.mail.reply import classify
@@ -20,9 +19,9 @@ from backupmx.queue.models import metadata, nodes
 from backupmx.queue.nodes import NodeReport
 from backupmx.queue.records import (
     Result,
-    UnknownMessage,
     utcnow,
 )
+from backupmx.queue.selection import Selection
 from backupmx.queue.state import Event, PrimaryState
 from backupmx.queue.store import Store
 from tests.support.queued import message
@@ -231,15 +230,15 @@ async def test_a_node_that_cannot_reach_the_primary_leaves_its_mail_to_one_that_
 async def test_hold_release_delete(store: Store) -> None:
     m = message("a@example.test")
     await store.enqueue(m)
-    assert (await store.hold([m.id])).changed == 1
+    recipient_ids = [r.id for r in (await store.message(m.id)).recipients]
+    assert (await store.hold(recipient_ids)).changed == 1
     assert await store.claim("n", 10) == []
     assert (await store.stats()).recipients["held"] == 1
-    assert await store.release([m.id]) == 1
-    assert (await store.delete([m.id])).changed == 1
+    assert await store.release(recipient_ids) == 1
+    deleted = await store.delete(recipient_ids)
+    assert (deleted.changed, deleted.deleted) == (1, 1)  # its last recipient: the message goes
     assert await store.messages(include_final=True) == []
-    with pytest.raises(UnknownMessage) as error:
-        await store.hold([m.id, "NOPE"])
-    assert "NOPE" in str(error.value)
+    assert await store.unknown([m.id, "NOPE"]) == [m.id, "NOPE"]
 
 
 async def test_listing_filters_and_stats(store: Store) -> None:
@@ -271,7 +270,8 @@ async def test_message_pages_cover_the_listing_a_page_at_a_time(store: Store) ->
     await store.give_back_leases("n")
 
     async def paged(**filters: Any) -> list[list[str]]:
-        return [[m.id for m in page] async for page in store.message_pages(size=2, **filters)]
+        selection = Selection(**filters)
+        return [[m.id for m in page] async for page in store.pages(selection, size=2)]
 
     ids = [m.id for m in sent]
     pending = [i for i in ids if i != sent[1].id]

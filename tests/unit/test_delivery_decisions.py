@@ -195,26 +195,32 @@ def test_a_message_is_retried_at_one_time_paced_by_its_most_tried_recipient() ->
 
 
 def test_a_delivered_recipient_is_recorded_without_an_error_or_retry_time() -> None:
-    """Every row names its claim (``attempts``), so a late one is not applied."""
-    row = result(claim(7), classify(250, "2.0.0 ok"), NOW)
-    assert row == Result(7, Event.SUCCESS, claim_attempts=1)
+    """Every row names its claim (``attempts``), so a late one is not applied; the host
+    and its reply go to the attempt history, a delivery's too."""
+    row = result(claim(7), classify(250, "2.0.0 ok"), NOW, HOST)
+    assert row == Result(7, Event.SUCCESS, claim_attempts=1, host=HOST, reply="250 2.0.0 ok")
 
 
 def test_a_deferred_recipient_keeps_the_reply_and_the_retry_time() -> None:
-    row = result(claim(7), classify(451, "4.3.0 try later"), NOW)
-    assert row == Result(7, Event.TEMPFAIL, "451 4.3.0 try later", NOW, claim_attempts=1)
+    row = result(claim(7), classify(451, "4.3.0 try later"), NOW, HOST)
+    reply = "451 4.3.0 try later"
+    assert row == Result(7, Event.TEMPFAIL, reply, NOW, 1, HOST, reply)
 
 
 def test_a_bounced_recipient_keeps_the_reply_and_is_not_retried() -> None:
-    row = result(claim(7), classify(550, "5.1.1 unknown"), NOW)
-    assert row == Result(7, Event.PERMFAIL, "550 5.1.1 unknown", None, claim_attempts=1)
+    row = result(claim(7), classify(550, "5.1.1 unknown"), NOW, HOST)
+    reply = "550 5.1.1 unknown"
+    assert row == Result(7, Event.PERMFAIL, reply, None, 1, HOST, reply)
 
 
 def test_a_held_recipient_keeps_the_reply_and_waits_for_release() -> None:
-    row = result(claim(7), classify(550, "5.1.1 unknown", hold_5xx=True), NOW)
-    assert row == Result(7, Event.QUARANTINE, "550 5.1.1 unknown", None, claim_attempts=1)
+    row = result(claim(7), classify(550, "5.1.1 unknown", hold_5xx=True), NOW, HOST)
+    reply = "550 5.1.1 unknown"
+    assert row == Result(7, Event.QUARANTINE, reply, None, 1, HOST, reply)
 
 
 def test_a_failure_without_a_reply_is_recorded_by_its_reason_alone() -> None:
-    row = result(claim(7), Outcome(Verdict.DEFERRED, 0, "4.4.1", "connect refused"), NOW)
-    assert row == Result(7, Event.TEMPFAIL, "connect refused", NOW, claim_attempts=1)
+    """No connection: no host in the history, the reason as its reply."""
+    row = result(claim(7), Outcome(Verdict.DEFERRED, 0, "4.4.1", "connect refused"), NOW, None)
+    reason = "connect refused"
+    assert row == Result(7, Event.TEMPFAIL, reason, NOW, 1, None, reason)
