@@ -4,10 +4,12 @@ Two kinds of figures:
 
 * Events — counters and histograms fed by one-line calls from the stages:
   `connection_opened` and `recipient_rejected` (receive, per connection and RCPT),
+  `recipient_unverified` (receive, a callout that got no answer),
   `message_answered` (receive, the reply to the end of DATA, with the accept
   latency), `recipient_result` and `message_sent` (deliver), `recipients_expired`
   (the housekeeping sweep), `spam_verdict` (the spam-check hook).
-* State — queue sizes, oldest message, primary up/down per domain, the database's
+* State — queue sizes, oldest message, primary up/down per domain, whether a
+  backed-up domain's own MX lookup fails (`dns_failing`), the database's
   size and the free space beside it.  Only the database knows them (the CLI
   changes the queue, and several nodes may share it), so they are read from the
   store at each scrape (`QueueView`), never counted in memory; the counts, whose
@@ -58,6 +60,7 @@ from backupmx.mail.address import RelayDomains
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, missing_sqlite_file
+from backupmx.queue.domains import dns_failing
 from backupmx.queue.records import DomainState, Stats, utcnow, waiting
 from backupmx.queue.space import Footprint
 from backupmx.queue.state import PrimaryState
@@ -159,6 +162,20 @@ PRIMARY_SINCE = Gauge(
     "backupmx_primary_state_since_timestamp_seconds",
     "When the domain's primary entered its current state (up or down), Unix time",
     ["domain"],
+    registry=REGISTRY,
+)
+DNS_FAILING = Gauge(
+    "backupmx_domain_dns_failing",
+    "1 while the backed-up domain's MX lookup fails (NXDOMAIN, SERVFAIL, timeout) and its"
+    " mail is held for it, 0 otherwise",
+    ["domain"],
+    registry=REGISTRY,
+)
+RECIPIENTS_UNVERIFIED = Counter(
+    "backupmx_recipients_unverified",
+    'RCPTs of recipients = "verify" the primary could not confirm, by the answer given:'
+    " accepted (verify_unknown = accept) or deferred (450 4.2.1)",
+    ["domain", "answer"],
     registry=REGISTRY,
 )
 HOST_CONCURRENCY = Gauge(
@@ -265,6 +282,10 @@ def connection_opened(refusal: str | None) -> None:
 
 def recipient_rejected(reply: str) -> None:
     RECIPIENTS_REJECTED.labels(reason(reply)).inc()
+
+
+def recipient_unverified(domain: str, accepted: bool) -> None:
+    RECIPIENTS_UNVERIFIED.labels(domain_label(domain), "accepted" if accepted else "deferred").inc()
 
 
 def message_answered(reply: str, data_ended: float) -> None:
@@ -416,8 +437,12 @@ class QueueView:
             OLDEST_MESSAGE.labels(label).set((now - when).total_seconds())
         PRIMARY_UP.clear()
         PRIMARY_SINCE.clear()
+        DNS_FAILING.clear()
         for name, known in self.states.items():
-            if known.state in (PrimaryState.UP, PrimaryState.DOWN) and _is_ours(name):
+            if not _is_ours(name):
+                continue
+            DNS_FAILING.labels(name).set(1 if dns_failing(known) else 0)
+            if known.state in (PrimaryState.UP, PrimaryState.DOWN):
                 PRIMARY_UP.labels(name).set(1 if known.state == PrimaryState.UP else 0)
                 PRIMARY_SINCE.labels(name).set(known.since.timestamp())
         FOOTPRINT.known = self.footprint
@@ -429,7 +454,7 @@ def _is_ours(domain: str) -> bool:
 
 def clear_queue_gauges() -> None:
     QUEUE_MESSAGES.set(0)
-    for gauge in (QUEUE_RECIPIENTS, OLDEST_MESSAGE, PRIMARY_UP, PRIMARY_SINCE):
+    for gauge in (QUEUE_RECIPIENTS, OLDEST_MESSAGE, PRIMARY_UP, PRIMARY_SINCE, DNS_FAILING):
         gauge.clear()
     FOOTPRINT.known = None
 
@@ -472,18 +497,15 @@ class Endpoint:
         self._requests: set[asyncio.Task[Any]] = set()
 
     async def start(self, listen: str) -> None:
-        """Listen on ``metrics.listen`` ("" = off).  An address in use is logged, not fatal:
-        a backup MX that cannot be scraped must still take mail (Prometheus' `up` says it)."""
+        """Listen on ``metrics.listen`` ("" = off).  An address that cannot be bound raises
+        OSError and `serve` does not start: a server its monitoring cannot see would look
+        down, or a stranger on the port would answer for it."""
         if not listen:
             return
         address = parse_host_port(listen)
-        try:
-            self._server = await asyncio.start_server(
-                self._serve, address.host, address.port, reuse_address=True, limit=MAX_REQUEST_HEAD
-            )
-        except OSError as error:
-            log.error("metrics_unavailable", listen=listen, error=str(error))
-            return
+        self._server = await asyncio.start_server(
+            self._serve, address.host, address.port, reuse_address=True, limit=MAX_REQUEST_HEAD
+        )
         log.info("metrics_listening", host=address.host, port=address.port)
 
     async def close(self) -> None:

@@ -1,6 +1,8 @@
-"""``backupmx status``: one screen for the person on call.
+"""``backupmx status``: one screen for the person on call, and a health check.
 
-Whether the server answers (its ``/healthz`` on ``[metrics] listen``), where it
+First one line per problem (the server not answering, not accepting mail, fenced,
+its database unreachable; a backed-up domain's primary down), then whether the
+server answers on its control socket (`backupmx.control`) and who it is, where it
 listens, which database it uses, the disk it takes and what is free beside it (for
 SQLite: a PostgreSQL server's disk is watched where that server runs), the
 queue's totals by state, the nodes sharing the queue (live or dead, heartbeat,
@@ -9,35 +11,38 @@ oldest message and its next probe, and a bar chart of how long the pending
 messages have waited (qshape's question: "is this a burst, or has it been piling
 up for days?").
 
-Everything comes from the configuration and the queue database, so the command
-works on any node sharing the queue and while the server is stopped; ``--json``
-gives the same facts to scripts.  Exit status 1 only when the database cannot be
-read (a server that does not answer is a fact to show, not a failure of the command).
+Besides the server's own answer, everything comes from the configuration and the
+queue database, so the command shows the queue while the server is stopped;
+``--json`` gives the same facts to monitors.  Exit status 0 only when the server
+answers and reports no error (it accepts mail, its heartbeat holds, its database
+answers) and the database can be read here; 1 otherwise.  A primary that is down is
+a warning, not a failure: holding its mail is what a backup MX is for.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from backupmx import control
+from backupmx.cli import CommandError
 from backupmx.cli import nodes as node_listing
 from backupmx.cli.queue import _age, _json, open_store, table
-from backupmx.config import Config
+from backupmx.config import Config, Domain
 from backupmx.mail.domains import DomainNames, normalize_domain
-from backupmx.mail.hosts import parse_host_port
 from backupmx.queue.database import current_revision, safe_url
 from backupmx.queue.records import DomainState, Stats, waiting
 from backupmx.queue.state import PrimaryState
 from backupmx.queue.store import Store
 
-HEALTH_TIMEOUT = 2.0  # seconds to wait for the server's /healthz before calling it silent
 BAR_WIDTH = 40
 # Queue age buckets: upper bounds in seconds (the last one is open-ended).  The
 # steps follow what an operator acts on: a burst (minutes), an outage (hours), the
@@ -53,8 +58,71 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 
 
 def add_parser(verbs: Any) -> None:
-    status = verbs.add_parser("status", help="one screen: server, queue, primaries, queue age")
+    status = verbs.add_parser(
+        "status", help="health check and one screen: server, queue, primaries, queue age"
+    )
     status.add_argument("--json", action="store_true")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One line at the top of `status`: an error fails the health check, a warning does not."""
+
+    kind: str  # server_not_running, node_fenced, primary_down…: for monitors to match on
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "severity": self.severity, "message": self.message}
+
+
+def server_problems(
+    path: Path, server: dict[str, Any] | None, silence: control.NoAnswer | None
+) -> list[Problem]:
+    """What is wrong with the server, from its answer on the control socket (or its silence)."""
+    if server is None:
+        if silence is not None and silence.running is None:
+            reason = silence.reason
+            return [Problem("server_not_answering", f"server not answering ({path}: {reason})")]
+        text = f"server not running (no answer on control socket {path})"
+        return [Problem("server_not_running", text)]
+    found = []
+    if server.get("state") == "starting":
+        found.append(Problem("server_starting", "server starting: not accepting mail yet"))
+    elif not server.get("accepting"):
+        found.append(Problem("server_stopping", "server stopping: not accepting mail"))
+    store = server.get("store") or {"reachable": True}
+    if not store.get("reachable"):
+        message = f"database unreachable from the server: {store.get('error')}"
+        found.append(Problem("server_database_unreachable", message))
+    if server.get("fence_up") is False:
+        message = (
+            f"node {server.get('node')} fenced: its heartbeat is late, it sends nothing"
+            " until one is written (database slow or unreachable?)"
+        )
+        found.append(Problem("node_fenced", message))
+    return found
+
+
+def queue_problems(
+    domains: Sequence[dict[str, Any]] | None, unreadable: str | None, now: datetime
+) -> list[Problem]:
+    """What the queue database says is wrong: itself unreadable, or primaries down."""
+    if unreadable is not None:
+        return [Problem("database_unreachable", unreadable)]
+    found = []
+    for d in domains or []:
+        if d["backed_up"] and d["state"] == PrimaryState.DOWN:
+            since = f" for {_ago(d['since'], now)}" if d["since"] else ""
+            message = (
+                f"primary of {d['domain']} down{since}: "
+                f"{d['queued']} recipient(s) waiting, {d['held']} held"
+            )
+            found.append(Problem("primary_down", message, "warning"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -158,29 +226,12 @@ def _size(count: int) -> str:
     return f"{value / 1024:.1f} TiB"
 
 
-def server_health(listen: str) -> dict[str, Any] | None:
-    """The running server's /healthz body (200 or 503), or None if nothing answers."""
-    if not listen:
-        return None
-    address = parse_host_port(listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT) as response:
-            body = response.read()
-    except urllib.error.HTTPError as error:  # 503: it answers, and says what is wrong
-        body = error.read()
-    except (OSError, ValueError):
-        return None
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return None
-    return answer if isinstance(answer, dict) else None
+# The facts read from the queue database: null in --json when it cannot be read.
+QUEUE_FACTS = ("schema_revision", "database_bytes", "filesystem_free_bytes", "queue", "nodes",
+               "domains", "age_histogram")  # fmt: skip
 
 
-async def run(args: argparse.Namespace, config: Config) -> int:
-    now = datetime.now(UTC)
+async def queue_facts(config: Config, now: datetime) -> dict[str, Any]:
     store = await open_store(config.database)
     try:
         revision = await current_revision(store.engine)
@@ -193,12 +244,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         views = await primary_reach(store, config)
     finally:
         await store.close()
-    facts = {
-        "hostname": config.hostname,
-        "server": server_health(config.metrics.listen),
-        "listen": list(config.listen),
-        "metrics": config.metrics.listen or None,
-        "database": safe_url(config.database),
+    return {
         "schema_revision": revision,
         "database_bytes": footprint.database_bytes,
         "filesystem_free_bytes": footprint.free_bytes,
@@ -210,18 +256,72 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             for (label, _), count in zip(AGE_BUCKETS, ages, strict=True)
         ],
     }
+
+
+async def run(args: argparse.Namespace, config: Config) -> int:
+    now = datetime.now(UTC)
+    path = control.socket_path(config)
+    silence = None
+    try:
+        server: dict[str, Any] | None = await control.ask(path)
+    except control.NoAnswer as error:
+        server, silence = None, error
+    if server is not None:
+        config = as_served(config, server)
+    facts: dict[str, Any] = {
+        "control_socket": str(path),
+        "server": server,
+        "hostname": config.hostname,
+        "listen": list(config.listen),
+        "metrics": config.metrics.listen or None,
+        "database": safe_url(config.database),
+        **dict.fromkeys(QUEUE_FACTS),
+    }
+    unreadable = None
+    try:
+        facts.update(await queue_facts(config, now))
+    except CommandError as error:  # unreachable, missing, schema too old
+        unreadable = str(error)
+    except SQLAlchemyError as error:
+        unreadable = f"database error: {getattr(error, 'orig', None) or error}"
+    problems = server_problems(path, server, silence)
+    problems += queue_problems(facts["domains"], unreadable, now)
+    ok = not any(p.severity == "error" for p in problems)
+    facts = {"ok": ok, "problems": [p.to_json() for p in problems], **facts}
     print(_json(facts) if args.json else render(facts, now))
-    return 0
+    return 0 if ok else 1
+
+
+def as_served(config: Config, server: dict[str, Any]) -> Config:
+    """The server's own name, listen addresses and domains, which its command line
+    (`serve --primary`, `--listen`) may have set apart from the file."""
+    listen, domains = server.get("listen"), server.get("domains")
+    if not isinstance(listen, list) or not isinstance(domains, list):
+        return config
+    configured = {d.name: d for d in config.domain}
+    return dataclasses.replace(
+        config,
+        hostname=str(server.get("hostname") or config.hostname),
+        listen=tuple(str(a) for a in listen),
+        domain=tuple(configured.get(str(name), Domain(name=str(name))) for name in domains),
+    )
 
 
 def render(facts: dict[str, Any], now: datetime) -> str:
+    lines = [f"{p['severity']}: {p['message']}" for p in facts["problems"]]
+    lines += [""] if lines else []
+    lines += [
+        f"backupmx on {facts['hostname']}, {_stamp(now)}",
+        f"server     {_describe_server(facts['server'], facts['ok'], now)}",
+        f"listen     {', '.join(facts['listen'])}",
+    ]
     queue = facts["queue"]
+    if queue is None:
+        lines.append(f"database   {facts['database']} (cannot be read)")
+        return "\n".join(lines)
     totals = queue["recipients"]
     oldest = _parse(queue["oldest_received_at"])
-    lines = [
-        f"backupmx on {facts['hostname']}, {_stamp(now)}",
-        f"server     {_describe_server(facts['server'], facts['metrics'])}",
-        f"listen     {', '.join(facts['listen'])}",
+    lines += [
         f"database   {facts['database']} (schema {facts['schema_revision'] or 'none'})",
         f"disk       {space_line(facts['database_bytes'], facts['filesystem_free_bytes'])}",
         f"queue      {queue['messages']} message(s); recipients: "
@@ -257,22 +357,16 @@ def render(facts: dict[str, Any], now: datetime) -> str:
     return "\n".join(lines)
 
 
-def _describe_server(health: dict[str, Any] | None, metrics: str | None) -> str:
-    if metrics is None:
-        return "unknown ([metrics] listen is off)"
-    if health is None:
-        return f"not answering on {metrics} (stopped?)"
-    uptime = timedelta(seconds=health.get("process", {}).get("uptime_seconds", 0))
-    pid = health.get("process", {}).get("pid", "?")
-    if health.get("status") == "ok":
-        return f"running, healthy (pid {pid}, up {_age(datetime.now(UTC) - uptime)})"
-    problems = []
-    store = health.get("store", {})
-    if not store.get("reachable", True):
-        problems.append(f"database unreachable: {store.get('error')}")
-    if not health.get("listener", {}).get("bound", True):
-        problems.append("listener not accepting (draining?)")
-    return f"running, UNHEALTHY (pid {pid}): " + "; ".join(problems or ["see /healthz"])
+def _describe_server(server: dict[str, Any] | None, ok: bool, now: datetime) -> str:
+    """The server line; what is wrong is in the problem lines above it."""
+    if server is None:
+        return "not answering (see above)"
+    uptime = now - timedelta(seconds=server.get("uptime_seconds", 0))
+    health = "healthy" if ok else "UNHEALTHY"
+    return (
+        f"running, {health} (pid {server.get('pid', '?')}, up {_age(uptime, now)}); "
+        f"version {server.get('version')}, node {server.get('node')}"
+    )
 
 
 def _mark() -> str:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import smtplib
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -188,13 +191,22 @@ def test_endpoint_answers_only_metrics_and_healthz(server_factory: Any) -> None:
     assert server.stop() == 0
 
 
-def test_metrics_port_in_use_does_not_stop_the_mail_server(server_factory: Any) -> None:
-    first = metered(server_factory)
-    second = server_factory(metrics=first.settings["metrics"]).start()
-    with smtplib.SMTP(second.host, second.port, timeout=20) as client:
-        assert client.ehlo("client.test")[0] == 250
-    assert "metrics_unavailable" in second.log()
-    assert second.stop() == 0 and first.stop() == 0
+def test_a_metrics_port_in_use_stops_serve_with_one_line_naming_metrics_listen(
+    server_factory: Any,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        server = server_factory(metrics={"listen": address})
+        server.write_config()
+        result = subprocess.run(
+            [sys.executable, "-m", "backupmx", "--config", str(server.config_path), "serve"],
+            capture_output=True, text=True, timeout=60, cwd=server.directory,
+        )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert "metrics.listen" in line and address in line and "Traceback" not in result.stderr
 
 
 def test_healthz_is_503_when_the_postgresql_database_is_dropped(

@@ -70,6 +70,34 @@ def test_queue_summary_names_the_primaries_that_are_down() -> None:
     )
 
 
+def test_dns_failing_is_1_only_for_a_backed_up_domain_held_for_its_mx_lookup() -> None:
+    metrics.follow(RelayDomains(["example.com", "example.net", "example.org"]))
+    try:
+        now = utcnow()
+        states = {
+            name: DomainState(name, state, now, None, reason, None, None)
+            for name, state, reason in [
+                ("example.com", "down", "DNS: MX lookup of example.com: no such domain (NXDOMAIN)"),
+                ("example.net", "down", "127.0.0.2:25: connection refused"),
+                ("example.org", "up", None),
+                ("x.test", "down", "DNS: MX lookup of x.test: SERVFAIL"),  # not backed up
+            ]
+        }
+        metrics.QueueView(EMPTY, states, Footprint(0, None)).export()
+        samples = {
+            sample.labels["domain"]: sample.value
+            for family in text_string_to_metric_families(
+                metrics.generate_latest(metrics.REGISTRY).decode()
+            )
+            if family.name == "backupmx_domain_dns_failing"
+            for sample in family.samples
+        }
+    finally:
+        metrics.follow(RelayDomains(()))
+        metrics.clear_queue_gauges()
+    assert samples == {"example.com": 1, "example.net": 0, "example.org": 0}
+
+
 class StandInStore:
     """What `QueueView.read` asks of the store; `footprint` may never answer."""
 

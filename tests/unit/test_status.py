@@ -1,6 +1,8 @@
 """`backupmx status`, `nodes` and `queue …` output helpers, pure: the queue-age bar chart,
-the disk line, the progress bar of long bulk actions, the nodes table, and what a hold
-or a delete says of the recipients it left to the node sending them.
+the disk line, the progress bar of long bulk actions, the nodes table, what a hold
+or a delete says of the recipients it left to the node sending them, the problem lines
+of `status` (which fail the health check, which only warn) and where the control
+socket is by default.
 
 The commands themselves, run as an operator runs them against a populated queue,
 are in tests/integration/test_status.py.
@@ -11,11 +13,14 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from backupmx import config as configuration
 from backupmx.cli.nodes import render, summary
 from backupmx.cli.queue import Progress, left_alone
-from backupmx.cli.status import bar_chart, space_line
+from backupmx.cli.status import bar_chart, queue_problems, server_problems, space_line
+from backupmx.control import RUNTIME_SOCKET, NoAnswer, socket_path
 from backupmx.queue.records import InFlight, NodeState, NodeView, node_state
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -136,3 +141,75 @@ def test_hold_and_delete_name_each_recipient_left_to_the_node_sending_it() -> No
         "recipient": "a@example.test",
         "lease_owner": "bmx-a:mx2",
     }
+
+
+# --------------------------------------------------------------------------- health
+
+
+SOCKET = Path("/var/lib/backupmx/queue.sock")
+RUNNING = {
+    "node": "bmx-a:mx2",
+    "state": "running",
+    "accepting": True,
+    "fence_up": True,
+    "store": {"reachable": True, "error": None},
+}
+
+
+def kinds(problems: list[Any]) -> list[tuple[str, str]]:
+    return [(p.kind, p.severity) for p in problems]
+
+
+def test_a_healthy_server_has_no_problem() -> None:
+    assert server_problems(SOCKET, RUNNING, None) == []
+
+
+def test_no_answer_is_one_error_line_naming_the_control_socket() -> None:
+    (gone,) = server_problems(SOCKET, None, NoAnswer("No such file or directory", False))
+    assert str(gone) == f"error: server not running (no answer on control socket {SOCKET})"
+    assert gone.to_json() == {
+        "kind": "server_not_running",
+        "severity": "error",
+        "message": f"server not running (no answer on control socket {SOCKET})",
+    }
+    (hung,) = server_problems(SOCKET, None, NoAnswer("no answer within 3s", None))
+    assert str(hung) == f"error: server not answering ({SOCKET}: no answer within 3s)"
+
+
+def test_a_server_that_answers_but_cannot_take_or_send_mail_fails_the_check() -> None:
+    starting = RUNNING | {"state": "starting", "accepting": False, "fence_up": None, "store": None}
+    assert kinds(server_problems(SOCKET, starting, None)) == [("server_starting", "error")]
+    stopping = RUNNING | {"state": "stopping", "accepting": False}
+    assert kinds(server_problems(SOCKET, stopping, None)) == [("server_stopping", "error")]
+    troubled = RUNNING | {
+        "fence_up": False,
+        "store": {"reachable": False, "error": "the queue file /q.db is missing"},
+    }
+    found = server_problems(SOCKET, troubled, None)
+    assert kinds(found) == [("server_database_unreachable", "error"), ("node_fenced", "error")]
+    assert "the queue file /q.db is missing" in found[0].message
+    assert found[1].message.startswith("node bmx-a:mx2 fenced")
+
+
+def test_a_primary_down_is_a_warning_and_an_unreadable_queue_an_error() -> None:
+    down = {"domain": "example.com", "backed_up": True, "state": "down", "queued": 3, "held": 1,
+            "since": "2026-12-06T09:00:00Z"}  # fmt: skip
+    not_ours = down | {"domain": "sender.test", "backed_up": False}
+    up = down | {"domain": "example.net", "state": "up"}
+    (warning,) = queue_problems([down, not_ours, up], None, NOW)
+    assert str(warning) == (
+        "warning: primary of example.com down for 3h: 3 recipient(s) waiting, 1 held"
+    )
+    assert warning.kind == "primary_down"
+    (error,) = queue_problems(None, "database unreachable: postgresql://…: refused", NOW)
+    assert (error.kind, error.severity) == ("database_unreachable", "error")
+
+
+def test_the_control_socket_sits_beside_the_sqlite_queue_else_in_run() -> None:
+    def where(**settings: Any) -> Path:
+        return socket_path(configuration.load(None, settings))
+
+    assert where() == Path("backupmx.sock")  # the quick start's ./backupmx.db
+    assert where(database="sqlite:////var/lib/backupmx/queue.db") == SOCKET
+    assert where(database="postgresql://bmx@db.example.net/bmx") == RUNTIME_SOCKET
+    assert where(control_socket="/srv/bmx.sock", database="sqlite:///q.db") == Path("/srv/bmx.sock")
