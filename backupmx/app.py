@@ -37,9 +37,10 @@ from typing import Any
 import structlog
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.exc import DBAPIError
 
 from backupmx import config as configuration
-from backupmx import metrics
+from backupmx import control, metrics, preflight
 from backupmx.bounce.notices import Notices
 from backupmx.deliver.callout import PrimaryCallout
 from backupmx.deliver.client import Timeouts
@@ -139,6 +140,7 @@ class App:
         if entry is None:
             return DomainPolicy(tls=delivery.tls)
         return DomainPolicy(
+            backed_up=True,
             static_primary=entry.primary,
             on_primary_5xx=entry.on_primary_5xx,
             hold_window=entry.hold_window,
@@ -286,11 +288,22 @@ class App:
 
 
 async def serve(config: configuration.Config, reload: Callable[[], configuration.Config]) -> None:
+    problems = preflight.startup_problems(config)
+    if problems:
+        raise preflight.StartupFailure(problems)
+    # Claimed first: a second serve on this queue stops here, before it touches the leases.
+    channel = control.Channel(
+        control.socket_path(config), config, node_name(config.hostname), version()
+    )
+    await channel.open()
     notifier = Notifier.from_environment()
     store = Store.open(config.database)
     endpoint: metrics.Endpoint | None = None
     try:
-        await upgrade(store.engine)
+        try:
+            await upgrade(store.engine)
+        except DBAPIError as error:
+            raise preflight.StartupFailure([preflight.unreachable(config, error)]) from error
         app = App(config, store)
         running: list[Deliverer] = []
         membership = app.membership(lambda: running[0] if running else None)
@@ -313,7 +326,11 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         callout = PrimaryCallout(primaries.route, config.hostname, app.timeouts())
         checks = ClientChecks(store, Verifier(store, callout), primaries.resolver.addresses)
         listener = Listener(policy_from(config), store, etrn, checks)
-        await listener.start([(a.host, a.port) for a in config.listen_addresses()])
+        try:
+            await listener.start([(a.host, a.port) for a in config.listen_addresses()])
+        except OSError as error:  # taken since the check above
+            problem = preflight.Problem("listen", preflight.bind_failure(error), True)
+            raise preflight.StartupFailure([problem]) from error
         metrics.follow(listener.policy.relay_domains)
         endpoint = metrics.Endpoint(
             metrics.Sources(
@@ -324,7 +341,12 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
                 config.metrics.store_timeout,
             )
         )
-        await endpoint.start(config.metrics.listen)
+        try:
+            await endpoint.start(config.metrics.listen)
+        except OSError as error:
+            failure = f"{config.metrics.listen}: {preflight.bind_failure(error)}"
+            problem = preflight.Problem("metrics.listen", failure, True)
+            raise preflight.StartupFailure([problem]) from error
         jobs = JobExecutor()
         scheduler = AsyncIOScheduler(executors={"default": jobs})
         scheduler.add_job(
@@ -375,11 +397,15 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
 
         # READY=1 on the loop's next turn: by then _run_until_stopped has installed the
         # signal handlers, so a stop right after READY drains instead of killing.
+        channel.running = control.Running(
+            lambda: not listener.draining, membership.holds, lambda: metrics.store_problem(store)
+        )
         loop = asyncio.get_running_loop()
         loop.call_soon(notifier.ready, "accepting mail on " + ", ".join(config.listen))
 
         def reloaded(new: configuration.Config) -> None:
             app.config = new
+            channel.config = new
             listener.reload(policy_from(new))
             metrics.follow(listener.policy.relay_domains)
 
@@ -398,6 +424,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         await membership.leave()
         log.info("stopped")
     finally:
+        await channel.close()
         if endpoint is not None:
             await endpoint.close()
         await store.close()

@@ -268,8 +268,9 @@ class Recipients:
     # Postfix's address_verify_positive_expire_time and ..._negative_expire_time.
     verify_positive_ttl: Annotated[float, Duration] = 31 * 86400.0
     verify_negative_ttl: Annotated[float, Duration] = 3 * 86400.0
-    # How long a session waits for a callout before answering 450 4.2.1; the callout
-    # goes on and fills the cache for the sender's retry (Postfix polls 3 x 3 s).
+    # How long a session waits for a callout before the address counts as unverified
+    # (the domain's verify_unknown answers); the callout goes on and fills the cache
+    # for the sender's retry (Postfix polls 3 x 3 s).
     verify_wait: Annotated[float, Duration] = 6.0
     # Bound on one whole callout: connect, EHLO, MAIL FROM:<>, RCPT, QUIT.
     verify_timeout: Annotated[float, Duration] = 30.0
@@ -334,9 +335,12 @@ class Domain:
     # One address or "@domain" (catch-all) per line, "#" comments; compared without
     # regard to case, as Postfix's lookup tables do.  Re-read on SIGHUP and on change.
     recipient_list: str = ""
-    # "verify" while the primary cannot answer and nothing is cached: "defer" (450 4.2.1)
-    # or "accept" (and risk backscatter).
-    verify_unknown: Literal["defer", "accept"] = "defer"
+    # "verify" while the primary cannot answer and nothing is cached: "accept" (Exim's
+    # defer_ok: the primary decides at delivery, on_primary_5xx handles a refusal, at
+    # the risk of a later bounce, backscatter) or "defer" (450 4.2.1: nothing unknown
+    # gets in, but a freshly deployed backup takes almost nothing during the outage it
+    # exists for, and senders' retries run out).
+    verify_unknown: Literal["defer", "accept"] = "accept"
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,11 @@ class Config:
     aliases: tuple[str, ...] = ()  # other names of this host in MX records (self-detection)
     listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
     database: str = DEFAULT_DATABASE  # SQLAlchemy URL; sqlite:/// or postgresql+psycopg://
+    # The Unix socket on which `serve` answers `backupmx status` (backupmx.control).
+    # "": beside the SQLite queue file (queue.db -> queue.sock), so each queue has its
+    # own; with PostgreSQL /run/backupmx/control.sock (the unit's RuntimeDirectory).
+    # Read at start-up only.
+    control_socket: str = ""
     # Clients (addresses or networks) allowed to ask for a flush with ETRN (RFC 1985),
     # typically the primary itself when it comes back.
     etrn_clients: tuple[str, ...] = ()
@@ -654,11 +663,14 @@ def _validate_protection(config: Config) -> None:
 def warnings(config: Config) -> list[str]:
     """What `config check` points out without refusing the file."""
     found = []
+    if not config.domain:
+        found.append("no [[domain]]: nothing is backed up, every recipient is refused (550 5.7.1)")
     for i, domain in enumerate(config.domain):
         if domain.recipients == "any":
             found.append(
                 f'domain[{i}] ({domain.name}): recipients = "any" accepts every local part;'
                 " mail for unknown users will bounce later, to forged senders (backscatter)."
-                ' Use "list" or "verify".'
+                ' Use "list", or "verify" (which still accepts unknown addresses while the'
+                ' primary cannot be asked, unless verify_unknown = "defer").'
             )
     return found

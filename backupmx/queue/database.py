@@ -191,12 +191,27 @@ async def upgrade(engine: AsyncEngine) -> None:
 
 def head_revision() -> str | None:
     """The schema revision this version of backupmx expects."""
+    head: str | None = _migrations().get_current_head()
+    return head
+
+
+def known_revision(revision: str) -> bool:
+    """A revision of this version's migrations (else a newer backupmx wrote it)."""
+    from alembic.util import CommandError
+
+    try:
+        return _migrations().get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def _migrations() -> Any:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(migrations_directory()))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(config)
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

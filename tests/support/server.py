@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hypothesis import HealthCheck, settings
 
@@ -69,6 +70,8 @@ class ServerProcess:
             "listen": [f"{self.host}:{self.port}"],
             "database": f"sqlite:///{directory / 'queue.db'}",
             "domain": [{"name": DOMAIN, "primary": ["127.0.0.1:9"]}],
+            # Its own metrics port: one taken stops `serve` from starting.
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         }
         self.settings.update(settings)
         self.config_path = directory / "backupmx.toml"
@@ -76,10 +79,17 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
-        write_config(self.config_path, self.settings)
+        settings = dict(self.settings)
+        if not str(settings["database"]).startswith("sqlite"):
+            # The default control socket of a PostgreSQL queue is one per machine
+            # (/run/backupmx/control.sock); an SQLite queue's is beside its file.
+            settings.setdefault("control_socket", str(self.directory / "control.sock"))
+        write_config(self.config_path, settings)
 
-    def start(self, *command: str) -> ServerProcess:
-        """`backupmx --config FILE serve`, or with `command` instead of ``serve``."""
+    def start(self, *command: str, pipe: bool = False) -> ServerProcess:
+        """`backupmx --config FILE serve`, or with `command` instead of ``serve``.  Its
+        stdout and stderr go to the log file; with `pipe`, through a pipe (as to
+        journald) that a thread copies to the log file."""
         self.write_config()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -91,10 +101,13 @@ class ServerProcess:
                 str(self.config_path),
                 *(command or ("serve",)),
             ],
-            stdout=log,
+            stdout=subprocess.PIPE if pipe else log,
             stderr=subprocess.STDOUT,
             cwd=self.directory,
         )
+        if pipe:
+            assert self.process.stdout is not None
+            threading.Thread(target=_copy, args=(self.process.stdout, log), daemon=True).start()
         try:
             wait_for_process_port(self.process, self.host, self.port, timeout=15)
         except (ProcessExited, TimeoutError):
@@ -170,6 +183,14 @@ class ServerProcess:
             check=True,
         )
         return result.stdout
+
+
+def _copy(source: IO[bytes], log: IO[bytes]) -> None:
+    """Copy what comes through the pipe to the log, as it comes, until the process ends."""
+    with source, log:
+        while chunk := os.read(source.fileno(), 1 << 16):
+            log.write(chunk)
+            log.flush()
 
 
 def server_examples(count: int) -> settings:
