@@ -19,8 +19,9 @@ echo "postfix postfix/main_mailer_type select No configuration" | as_root debcon
 as_root apt-get update -q
 # SpamAssassin's spamd/spamc and rspamd are the real spam filters of the spam-hook tests
 # (tests/support/spam_filters.py starts them on loopback; policy-rc.d keeps their daemons off).
+# git lists the tracked files the README quick-start test installs from.
 as_root apt-get install -y -q --no-install-recommends \
-  postfix swaks dnsmasq-base python3-venv postgresql postgresql-client \
+  postfix swaks dnsmasq-base python3-venv git postgresql postgresql-client \
   spamd spamc spamassassin rspamd systemd prometheus >/dev/null
 
 # --- PostgreSQL --------------------------------------------------------------------

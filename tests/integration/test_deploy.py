@@ -79,15 +79,21 @@ def test_systemd_analyze_security_rates_the_unit_2_0_or_lower() -> None:
 # --------------------------------------------------------------------------- configuration
 
 
-def test_example_config_passes_config_check() -> None:
+def test_example_config_passes_config_check(tmp_path: Path) -> None:
+    """As installed: the SQLite queue's directory exists (tmpfiles makes it), here moved
+    under a temporary root, since `config check` checks that it is writable."""
+    example = (DEPLOY / "backupmx.toml").read_text()
+    assert 'database = "sqlite:////var/lib/backupmx/queue.db"' in example
+    (tmp_path / "var" / "lib" / "backupmx").mkdir(parents=True)
+    installed = tmp_path / "backupmx.toml"
+    installed.write_text(example.replace("sqlite:////var/", f"sqlite:///{tmp_path}/var/"))
     result = subprocess.run(
-        [sys.executable, "-m", "backupmx", "--config", str(DEPLOY / "backupmx.toml"), "config",
-         "check", "--json"],
+        [sys.executable, "-m", "backupmx", "--config", str(installed), "config", "check", "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     checked = json.loads(result.stdout)
-    assert checked["database"] == "sqlite:////var/lib/backupmx/queue.db"
+    assert checked["database"] == f"sqlite:///{tmp_path}/var/lib/backupmx/queue.db"
     assert checked["domains"] == ["example.com"]
 
 

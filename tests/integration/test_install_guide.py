@@ -79,6 +79,16 @@ def install_package(command: str, root: Path) -> None:
     program.chmod(0o755)
 
 
+def install(command: str, root: Path) -> None:
+    """`install` under the temporary root; the configuration's SQLite queue moved there
+    too, since `config check` checks that its directory (made by tmpfiles) is writable."""
+    run(moved(command, root))
+    target = Path(moved(command.split()[-1], root))
+    if target.suffix == ".toml":
+        text = target.read_text().replace("sqlite:////var/", f"sqlite:///{root}/var/")
+        target.write_text(text)
+
+
 def with_root(command: str, root: Path) -> None:
     tool, rest = command.split(" ", 1)
     run(f"{tool} --root={root} {rest}")
@@ -125,7 +135,7 @@ def systemctl(command: str, root: Path) -> None:
 
 STAND_INS: list[tuple[str, Callable[[str, Path], None]]] = [
     (r"python3 -m venv .*", install_package),
-    (r"install .*", lambda command, root: run(moved(command, root))),
+    (r"install .*", install),
     (r"systemd-(sysusers|tmpfiles) .*", with_root),
     (r"chgrp .*", chgrp),
     (r"editor .*", edit),

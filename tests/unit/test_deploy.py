@@ -120,6 +120,7 @@ def test_alert_rules_cover_what_the_issue_names() -> None:
         "BackupMXOldMessage",
         "BackupMXStorageErrors",
         "BackupMXDiskLow",
+        "BackupMXDomainDNSFailing",
     } <= set(alerts)
     # `up{job="backupmx"}` matches the scrape job of the README.
     assert 'job="backupmx"' in rules
