@@ -329,7 +329,8 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         try:
             await listener.start([(a.host, a.port) for a in config.listen_addresses()])
         except OSError as error:  # taken since the check above
-            problem = preflight.Problem("listen", preflight.bind_failure(error), True)
+            addresses = ", ".join(config.listen)
+            problem = preflight.not_bound("listen", addresses, error)
             raise preflight.StartupFailure([problem]) from error
         metrics.follow(listener.policy.relay_domains)
         endpoint = metrics.Endpoint(
@@ -344,8 +345,7 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         try:
             await endpoint.start(config.metrics.listen)
         except OSError as error:
-            failure = f"{config.metrics.listen}: {preflight.bind_failure(error)}"
-            problem = preflight.Problem("metrics.listen", failure, True)
+            problem = preflight.not_bound("metrics.listen", config.metrics.listen, error)
             raise preflight.StartupFailure([problem]) from error
         jobs = JobExecutor()
         scheduler = AsyncIOScheduler(executors={"default": jobs})

@@ -124,12 +124,16 @@ def _bind(key: str, address: HostPort, family: int, sockaddr: tuple[object, ...]
         try:
             probe.bind(sockaddr)
         except OSError as error:
-            return Problem(key, f"{address}: {bind_failure(error)}", environment=True)
+            return not_bound(key, str(address), error)
     return None
 
 
-def bind_failure(error: OSError) -> str:
-    """Why a listening socket could not be bound, in the operator's terms."""
+def not_bound(key: str, address: str, error: OSError) -> Problem:
+    """An address that could not be bound, in the operator's terms."""
+    return Problem(key, f"{address}: {_bind_failure(error)}", environment=True)
+
+
+def _bind_failure(error: OSError) -> str:
     if error.errno == errno.EADDRINUSE:
         return "address already in use (another server, or a backupmx serve already running)"
     if error.errno == errno.EADDRNOTAVAIL:

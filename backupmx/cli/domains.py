@@ -17,7 +17,8 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backupmx.cli.queue import _age, _json, open_store, table
+from backupmx.cli.output import age, json_text, table
+from backupmx.cli.queue import open_store
 from backupmx.cli.status import domain_lines, primary_reach
 from backupmx.config import Config
 from backupmx.mail.domains import normalize_domain
@@ -55,7 +56,7 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
             }
         )
     if args.json:
-        print(_json(rows))
+        print(json_text(rows))
         return 0
     if not rows:
         print("no domains configured and nothing queued")
@@ -76,10 +77,10 @@ async def run_domains(args: argparse.Namespace, config: Config) -> int:
                 [
                     r["domain"],
                     r["state"],
-                    _age(_parse(r["since"])) if r["since"] else "-",
+                    age(_parse(r["since"])) if r["since"] else "-",
                     str(r["queued"]),
                     str(r["held"]),
-                    _age(_parse(r["oldest_received_at"])) if r["oldest_received_at"] else "-",
+                    age(_parse(r["oldest_received_at"])) if r["oldest_received_at"] else "-",
                     ",".join(r["reached_by"]) or "-",
                     (r["reason"] or r["route"] or "")
                     if r["state"] != PrimaryState.UP
@@ -111,7 +112,7 @@ async def run_probe(args: argparse.Namespace, config: Config) -> int:
     up = any(result.startswith("ok") for _, result, _ in tries)
     if args.json:
         print(
-            _json(
+            json_text(
                 {
                     "domain": domain,
                     "route": describe(route),

@@ -29,6 +29,7 @@ from backupmx.cli import domains as domain_commands
 from backupmx.cli import nodes as node_commands
 from backupmx.cli import queue as queue_commands
 from backupmx.cli import status as status_commands
+from backupmx.cli.output import json_text
 from backupmx.logs import configure as configure_logs
 from backupmx.mail.domains import normalize_domain
 from backupmx.mail.hosts import parse_host_port
@@ -249,7 +250,7 @@ async def _config_check(args: argparse.Namespace, config: configuration.Config) 
             "warnings": warnings,
             "notes": notes,
         }
-        print(queue_commands._json(report))
+        print(json_text(report))
     else:
         where = path if path else "built-in defaults"
         verdict = "ok" if not problems else f"{len(problems)} problem(s)"
@@ -280,7 +281,7 @@ async def _db_upgrade(url: str, as_json: bool) -> int:
         await upgrade(engine)
         revision = await current_revision(engine)
         if as_json:
-            print(queue_commands._json({"revision": revision}))
+            print(json_text({"revision": revision}))
         else:
             print(f"database schema at revision {revision}")
     finally:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backupmx.cli.queue import _json, _span, open_store, table
+from backupmx.cli.output import json_text, span, table
+from backupmx.cli.queue import open_store
 from backupmx.config import Config
 from backupmx.queue.records import NodeState
 from backupmx.queue.store import Store
@@ -47,7 +48,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
         found = await node_facts(store, config)
     finally:
         await store.close()
-    print(_json(found) if args.json else render(found, datetime.now(UTC)))
+    print(json_text(found) if args.json else render(found, datetime.now(UTC)))
     return 0
 
 
@@ -65,12 +66,12 @@ def render(nodes: Sequence[dict[str, Any]], now: datetime, brief: bool = False) 
         [
             n["name"],
             n["state"],
-            _span(n["heartbeat_age_seconds"]),
+            span(n["heartbeat_age_seconds"]),
             str(n["in_flight"]),
             f"{n['delivery_rate']:.1f}/s",
             str(n["reported_in_flight"]),
             str(n["delivered"]),
-            _span((now - datetime.fromisoformat(n["started_at"])).total_seconds()),
+            span((now - datetime.fromisoformat(n["started_at"])).total_seconds()),
             str(n["pid"]),
             n["version"],
             n["hostname"],

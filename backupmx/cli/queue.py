@@ -25,9 +25,8 @@ node's delivery would undo.
 Listings stream: `list` writes each page as it is read (``--json`` as one array
 written element by element), so a listing of a million messages holds one page.
 
-Human output shows what clients and remote hosts sent (HELO, addresses,
-headers, replies) through `printable`: a control character reaching the
-operator's terminal could move the cursor, retitle the window or forge a line.
+Human output goes through `backupmx.cli.output` (`printable`: no control character
+from a client or a remote host reaches the operator's terminal).
 
 A database that cannot be reached says "database unreachable" and exits 1; a
 schema older than this version says to run ``backupmx db upgrade``.
@@ -38,20 +37,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import re
 import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from sqlalchemy.exc import DBAPIError
 
 from backupmx.bounce.notices import Notices
-from backupmx.cli import CommandError, UsageError
+from backupmx.cli import CommandError, UsageError, shape
+from backupmx.cli.output import age, aligned, column_widths, json_text, printable, table
 from backupmx.config import Config, parse_duration, parse_size
 from backupmx.mail.domains import normalize_domain
 from backupmx.queue.database import current_revision, head_revision, missing_sqlite_file, safe_url
@@ -183,8 +181,6 @@ def add_parsers(parser: argparse.ArgumentParser) -> None:
     flush.add_argument("--json", action="store_true")
     stats = verbs.add_parser("stats", help="counts by state and by domain")
     stats.add_argument("--json", action="store_true")
-    from backupmx.cli import shape  # here: it uses this module's output helpers
-
     shape.add_parser(verbs)
 
 
@@ -307,7 +303,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             body = await store.body(args.id)
             if args.json:
                 encoded = base64.b64encode(body).decode()
-                print(_json({**message.to_json(), "message_base64": encoded}))
+                print(json_text({**message.to_json(), "message_base64": encoded}))
             else:
                 sys.stdout.buffer.write(body)
                 sys.stdout.buffer.flush()
@@ -324,7 +320,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
                     shown = {**message.to_json(), "spam": spam.to_json()}
                     for view, r in zip(shown["recipients"], message.recipients, strict=True):
                         view.update(histories[r.id].to_json())
-                    print(_json(shown))
+                    print(json_text(shown))
                 else:
                     body = await store.body(args.id)
                     print(render_message(message, body, spam, histories))
@@ -338,16 +334,14 @@ async def run(args: argparse.Namespace, config: Config) -> int:
             ids, unknown = await known_ids(store, args.ids) if args.ids else (None, [])
             due = await store.make_due(domain=domain, ids=ids, retry_down=True)
             if args.json:
-                print(_json({"action": "flush", "recipients": due, "unknown": unknown}))
+                print(json_text({"action": "flush", "recipients": due, "unknown": unknown}))
             else:
                 print(f"flush: {due} recipient(s) due now")
             return 1 if unknown else 0
         elif verb == "stats":
             stats = await store.stats()
-            print(_json(stats.to_json()) if args.json else render_stats(stats))
+            print(json_text(stats.to_json()) if args.json else render_stats(stats))
         elif verb == "shape":
-            from backupmx.cli import shape
-
             return await shape.run(store, args)
         return 0
     finally:
@@ -365,7 +359,9 @@ async def run_list(store: Store, args: argparse.Namespace) -> int:
         messages = recipients = 0
         async for m in found:
             messages, recipients = messages + 1, recipients + len(m.recipients)
-        print(_json({"messages": messages, "recipients": recipients}) if args.json else messages)
+        print(
+            json_text({"messages": messages, "recipients": recipients}) if args.json else messages
+        )
     elif args.ids_only and args.json:
         await write_json_array((m.id async for m in found), sys.stdout)
     elif args.ids_only:
@@ -423,7 +419,7 @@ async def run_action(store: Store, args: argparse.Namespace, config: Config) -> 
             done["removed"] = changed
         if verb in WAITING_ACTIONS:
             done["in_flight"] = [r.to_json() for r in in_flight]
-        print(_json(done))
+        print(json_text(done))
     else:
         if verb == "bounce":
             print(f"bounce: {changed} recipient(s) bounced, DSNs queued")
@@ -448,7 +444,7 @@ async def dry_run(store: Store, verb: str, selection: Selection, as_json: bool) 
         recipients += sum(len(m.recipients) for m in page)
     if as_json:
         print(
-            _json(
+            json_text(
                 {
                     "action": verb,
                     "dry_run": True,
@@ -555,53 +551,10 @@ async def write_json_array(items: AsyncIterator[Any], out: TextIO) -> int:
     writes the whole list; how many there were."""
     count = 0
     async for item in items:
-        out.write(("[\n" if count == 0 else ",\n") + textwrap.indent(_json(item), "  "))
+        out.write(("[\n" if count == 0 else ",\n") + textwrap.indent(json_text(item), "  "))
         count += 1
     out.write("\n]\n" if count else "[]\n")
     return count
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
-
-
-def _age(then: datetime, now: datetime | None = None) -> str:
-    """Age as its largest whole unit, like qshape's buckets: 45s, 12m, 3h, 2d."""
-    return _span(((now or datetime.now(UTC)) - then).total_seconds())
-
-
-def _span(duration: float) -> str:
-    """Seconds as their largest whole unit: 45s, 12m, 3h, 2d."""
-    seconds = max(int(duration), 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-# C0 but TAB, DEL and C1 (ECMA-48, C1 as U+0080-U+009F once decoded): a terminal
-# acts on them, and ESC or CSI starts a sequence.  With them escaped the rest of a
-# sequence is inert text.  TAB only moves the cursor on (and folds headers).
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """Client- or remote-supplied text for a terminal: control characters as ``\\xNN``."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    rows = [[printable(cell) for cell in row] for row in rows]
-    widths = column_widths(headers, rows)
-    return "\n".join(aligned(row, widths) for row in [headers, *rows])
-
-
-def column_widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
-    return [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-
-def aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 
 LIST_HEADERS = ["ID", "AGE", "SIZE", "SENDER", "RECIPIENT", "STATE", "TRIES", "LAST ERROR"]
@@ -632,7 +585,7 @@ def list_rows(m: MessageView) -> list[list[str]]:
     return [
         [
             m.id if i == 0 else "",
-            _age(m.received_at) if i == 0 else "",
+            age(m.received_at) if i == 0 else "",
             str(m.size) if i == 0 else "",
             (m.sender or "<>") if i == 0 else "",
             r.address,
@@ -666,7 +619,7 @@ def render_message(
         ("id", m.id),
         ("sender", m.sender or "<>"),
         ("size", str(m.size)),
-        ("received", f"{m.received_at.isoformat()} ({_age(m.received_at)} ago)"),
+        ("received", f"{m.received_at.isoformat()} ({age(m.received_at)} ago)"),
         ("client", f"{m.client_helo} [{m.client_ip}]"),
         ("protocol", m.protocol),
         ("tls", m.tls or "-"),
@@ -734,12 +687,12 @@ def render_stats(stats: Stats) -> str:
     lines.append("recipients: " + ", ".join(f"{k} {v}" for k, v in stats.recipients.items()))
     if stats.oldest:
         lines.append(
-            f"oldest: {stats.oldest.isoformat(timespec='seconds')} ({_age(stats.oldest)} ago)"
+            f"oldest: {stats.oldest.isoformat(timespec='seconds')} ({age(stats.oldest)} ago)"
         )
     if stats.domains:
         states = list(stats.domains[0].counts)
         rows = [
-            [d.domain, *(str(d.counts[s]) for s in states), _age(d.oldest) if d.oldest else "-"]
+            [d.domain, *(str(d.counts[s]) for s in states), age(d.oldest) if d.oldest else "-"]
             for d in stats.domains
         ]
         lines += ["", table(["DOMAIN", *(s.upper() for s in states), "OLDEST"], rows)]

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from backupmx.cli.queue import _json, printable
+from backupmx.cli.output import json_text, printable
 from backupmx.queue.records import ShapeRow
 from backupmx.queue.store import Store
 
@@ -63,7 +63,7 @@ async def run(store: Store, args: argparse.Namespace) -> int:
             "total": {"total": total.total, "buckets": list(total.buckets)},
             "domains": [r.to_json() for r in rows],
         }
-        print(_json(document))
+        print(json_text(document))
     else:
         print(render(total, rows))
     return 0

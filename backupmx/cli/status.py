@@ -35,7 +35,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from backupmx import control
 from backupmx.cli import CommandError
 from backupmx.cli import nodes as node_listing
-from backupmx.cli.queue import _age, _json, open_store, table
+from backupmx.cli.output import age, json_text, table
+from backupmx.cli.queue import open_store
 from backupmx.config import Config, Domain
 from backupmx.mail.domains import DomainNames, normalize_domain
 from backupmx.queue.database import current_revision, safe_url
@@ -288,7 +289,7 @@ async def run(args: argparse.Namespace, config: Config) -> int:
     problems += queue_problems(facts["domains"], unreadable, now)
     ok = not any(p.severity == "error" for p in problems)
     facts = {"ok": ok, "problems": [p.to_json() for p in problems], **facts}
-    print(_json(facts) if args.json else render(facts, now))
+    print(json_text(facts) if args.json else render(facts, now))
     return 0 if ok else 1
 
 
@@ -326,7 +327,7 @@ def render(facts: dict[str, Any], now: datetime) -> str:
         f"disk       {space_line(facts['database_bytes'], facts['filesystem_free_bytes'])}",
         f"queue      {queue['messages']} message(s); recipients: "
         + ", ".join(f"{state} {count}" for state, count in totals.items()),
-        "oldest     " + (f"{_stamp(oldest)} ({_age(oldest, now)} ago)" if oldest else "-"),
+        "oldest     " + (f"{_stamp(oldest)} ({age(oldest, now)} ago)" if oldest else "-"),
         f"nodes      {node_listing.summary(facts['nodes'])}",
         "",
     ]
@@ -364,7 +365,7 @@ def _describe_server(server: dict[str, Any] | None, ok: bool, now: datetime) -> 
     uptime = now - timedelta(seconds=server.get("uptime_seconds", 0))
     health = "healthy" if ok else "UNHEALTHY"
     return (
-        f"running, {health} (pid {server.get('pid', '?')}, up {_age(uptime, now)}); "
+        f"running, {health} (pid {server.get('pid', '?')}, up {age(uptime, now)}); "
         f"version {server.get('version')}, node {server.get('node')}"
     )
 
@@ -388,7 +389,7 @@ def _parse(text: str | None) -> datetime | None:
 
 def _ago(text: str | None, now: datetime) -> str:
     when = _parse(text)
-    return _age(when, now) if when else "-"
+    return age(when, now) if when else "-"
 
 
 def _until(text: str | None, now: datetime) -> str:
@@ -396,4 +397,4 @@ def _until(text: str | None, now: datetime) -> str:
     if when is None:
         return "-"
     seconds = int((when - now).total_seconds())
-    return "due" if seconds <= 0 else f"in {_age(now - timedelta(seconds=seconds), now)}"
+    return "due" if seconds <= 0 else f"in {age(now - timedelta(seconds=seconds), now)}"

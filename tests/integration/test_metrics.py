@@ -120,10 +120,12 @@ def test_scrape_counts_accepted_and_rejected_mail_and_shows_the_held_queue(
                 (value(s, "backupmx_recipients_total", domain=DOMAIN, result="deferred") or 0)
                 >= deferred + 2
                 and value(s, "backupmx_host_concurrency", host="127.0.0.1") == 1
+                # The flush resets the domain's state (retry_down) until its attempt fails.
+                and value(s, "backupmx_primary_up", domain=DOMAIN) == 0
             ),
         ),
         15.0,
-        "two more deferred recipients after the flush, with a host concurrency of 1",
+        "two more deferred recipients after the flush, a host concurrency of 1, primary down",
         interval=0.2,
     )
     assert value(samples, "backupmx_primary_up", domain=DOMAIN) == 0
