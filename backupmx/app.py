@@ -58,10 +58,10 @@ from backupmx.queue.nodes import NodeReport
 from backupmx.queue.records import NewMessage, Overdue, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
-from backupmx.receive.clients import ClientChecks
-from backupmx.receive.listener import Listener
+from backupmx.receive.anvil import Anvil
 from backupmx.receive.policy import policy_from
 from backupmx.receive.recipients import CacheKeeper, Verifier
+from backupmx.receive.workers import ReceiverFailed, Receivers
 from backupmx.resolver import Resolver
 
 # How long one housekeeping run keeps sweeping overdue mail (500 recipients per
@@ -324,28 +324,45 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
             return due
 
         callout = PrimaryCallout(primaries.route, config.hostname, app.timeouts())
-        checks = ClientChecks(store, Verifier(store, callout), primaries.resolver.addresses)
-        listener = Listener(policy_from(config), store, etrn, checks)
+        anvil = Anvil(lambda: app.config.limits)
+        receivers = Receivers(config, anvil, Verifier(store, callout), etrn)
+
+        def reloaded(new: configuration.Config) -> None:
+            policy = policy_from(new)  # a certificate that does not load refuses the reload
+            app.config = new
+            channel.config = new
+            receivers.reload(new)
+            metrics.follow(policy.relay_domains)
+
+        # From here on a signal reloads or stops, also while the receivers start.
+        signals = Signals(reloaded, reload)
         try:
-            await listener.start([(a.host, a.port) for a in config.listen_addresses()])
+            receivers.bind(config.listen_addresses())
         except OSError as error:  # taken since the check above
             addresses = ", ".join(config.listen)
             problem = preflight.not_bound("listen", addresses, error)
             raise preflight.StartupFailure([problem]) from error
-        metrics.follow(listener.policy.relay_domains)
+        metrics.follow(policy_from(config).relay_domains)
         endpoint = metrics.Endpoint(
             metrics.Sources(
                 app.counts,
-                lambda: not listener.draining,
+                lambda: receivers.accepting,
                 [str(a) for a in config.listen_addresses()],
                 deliverer.pacers.windows,
                 config.metrics.store_timeout,
+                receivers.gather,
             )
         )
         try:
             await endpoint.start(config.metrics.listen)
         except OSError as error:
             problem = preflight.not_bound("metrics.listen", config.metrics.listen, error)
+            raise preflight.StartupFailure([problem]) from error
+        try:
+            await receivers.start(config.receiver_count())
+        except ReceiverFailed as error:
+            await receivers.drain()
+            problem = preflight.Problem("receivers", str(error), environment=True)
             raise preflight.StartupFailure([problem]) from error
         jobs = JobExecutor()
         scheduler = AsyncIOScheduler(executors={"default": jobs})
@@ -395,25 +412,15 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
             domains=[d.name for d in config.domain],
         )
 
-        # READY=1 on the loop's next turn: by then _run_until_stopped has installed the
-        # signal handlers, so a stop right after READY drains instead of killing.
         channel.running = control.Running(
-            lambda: not listener.draining, membership.holds, lambda: metrics.store_problem(store)
+            lambda: receivers.accepting, membership.holds, lambda: metrics.store_problem(store)
         )
-        loop = asyncio.get_running_loop()
-        loop.call_soon(notifier.ready, "accepting mail on " + ", ".join(config.listen))
-
-        def reloaded(new: configuration.Config) -> None:
-            app.config = new
-            channel.config = new
-            listener.reload(policy_from(new))
-            metrics.follow(listener.policy.relay_domains)
-
-        await _run_until_stopped(reloaded, reload)
+        notifier.ready("accepting mail on " + ", ".join(config.listen))
+        await signals.stopped()
         notifier.stopping("draining: finishing sessions in DATA")
         scheduler.pause()  # no new runs from here; running ones finish during the drain
         scheduler.shutdown(wait=False)
-        await listener.drain()
+        await receivers.drain()
         await jobs.finished(config.limits.drain_timeout)
         await primaries.close()
         delivering.cancel()
@@ -436,27 +443,38 @@ async def _deliver_once_counted(membership: Membership, deliverer: Deliverer) ->
     await deliverer.run()
 
 
-async def _run_until_stopped(
-    apply: Callable[[configuration.Config], None], reload: Callable[[], configuration.Config]
-) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+class Signals:
+    """SIGHUP reloads the configuration (a file with errors is refused and the running one
+    kept); SIGTERM and SIGINT stop.  Installed before the receivers start, so that a
+    signal during start-up is never the default action (death)."""
 
-    def on_hup() -> None:
+    def __init__(
+        self,
+        apply: Callable[[configuration.Config], None],
+        reload: Callable[[], configuration.Config],
+    ) -> None:
+        self._apply = apply
+        self._reload = reload
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reloaded)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+
+    def _reloaded(self) -> None:
         try:
-            new = reload()
-            apply(new)
+            new = self._reload()
+            self._apply(new)
         except (configuration.ConfigError, OSError, ValueError) as error:
             log.error("reload_refused", error=str(error))
             return
         log.info("reloaded", domains=[d.name for d in new.domain])
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    # The handlers stay for the drain that follows: a second SIGTERM, or logrotate's
-    # SIGHUP, must not kill a process that is finishing sessions in DATA.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: log.info("already_stopping"))
+    async def stopped(self) -> None:
+        await self._stop.wait()
+        log.info("stopping")
+        # The handlers stay for the drain that follows: a second SIGTERM, or logrotate's
+        # SIGHUP, must not kill a process that is finishing sessions in DATA.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: log.info("already_stopping"))

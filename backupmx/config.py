@@ -343,11 +343,18 @@ class Domain:
     verify_unknown: Literal["defer", "accept"] = "accept"
 
 
+MAX_RECEIVERS = 64  # receiver processes; each holds an event loop and a database pool
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.getfqdn)  # banner, EHLO, self-detection
     aliases: tuple[str, ...] = ()  # other names of this host in MX records (self-detection)
     listen: tuple[str, ...] = ("0.0.0.0:25", "[::]:25")
+    # Receiver processes taking connections on the listen addresses (Postfix runs one
+    # smtpd per session; one event loop per core does as much).  0: one per core.
+    # Read at start-up only.
+    receivers: int = 0
     database: str = DEFAULT_DATABASE  # SQLAlchemy URL; sqlite:/// or postgresql+psycopg://
     # The Unix socket on which `serve` answers `backupmx status` (backupmx.control).
     # "": beside the SQLite queue file (queue.db -> queue.sock), so each queue has its
@@ -378,6 +385,10 @@ class Config:
 
     def listen_addresses(self) -> list[HostPort]:
         return [parse_host_port(text) for text in self.listen]
+
+    def receiver_count(self) -> int:
+        """`receivers`, with 0 standing for one per core this process may run on."""
+        return self.receivers or len(os.sched_getaffinity(0))
 
     def postmaster_address(self) -> str:
         """The mailbox `<Postmaster>` stands for, its domain in A-labels.  With no
@@ -554,6 +565,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("metrics.status_interval", "must be at least 1s")
     if config.delivery.retry_min > config.delivery.retry_max:
         raise ConfigError("delivery.retry_min", "is larger than delivery.retry_max")
+    if not 0 <= config.receivers <= MAX_RECEIVERS:
+        raise ConfigError("receivers", f"must be 0 (one per core) to {MAX_RECEIVERS}")
     if config.delivery.max_connections_per_host < 1:
         raise ConfigError("delivery.max_connections_per_host", "must be at least 1")
     if config.delivery.max_recipients_in_flight < 1:

@@ -38,7 +38,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,7 +54,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from backupmx.mail.address import RelayDomains
 from backupmx.mail.domains import normalize_domain
@@ -209,6 +209,79 @@ LEASES_TAKEN_OVER = Counter(
     "Recipients this node gave back to the queue from nodes it found dead",
     registry=REGISTRY,
 )
+
+
+# The counts the receiver workers keep, each in its own process (`received_samples`);
+# serve's scrape adds them up (`ReceivedCounts`).
+RECEIVED = (
+    CONNECTIONS,
+    MESSAGES_ACCEPTED,
+    MESSAGES_REJECTED,
+    RECIPIENTS_REJECTED,
+    SPAM_VERDICTS,
+    ACCEPT_LATENCY,
+    RECIPIENTS_UNVERIFIED,
+)
+# family name -> (sample name, labels) -> value, in the order collected
+Samples = dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]
+
+
+def received_samples() -> Samples:
+    """This process's receiving counts: a receiver worker's answer to a scrape."""
+    samples: Samples = {}
+    for metric in RECEIVED:
+        for family in metric.collect():
+            samples[family.name] = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples
+            }
+    return samples
+
+
+class ReceivedCounts:
+    """The receiving counts of every receiver worker, summed at each scrape.
+
+    `install` puts this collector in the registry in place of the serve process's own
+    receiving metrics.  A worker that exits leaves its last counts behind (`retire`),
+    so the totals never go down when a worker is replaced; what it counted after its
+    last scrape is lost with it.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, Samples] = {}
+        self._retired: Samples = {}
+
+    def install(self) -> None:
+        for metric in RECEIVED:
+            REGISTRY.unregister(metric)
+        REGISTRY.register(self)
+
+    def uninstall(self) -> None:
+        REGISTRY.unregister(self)
+        for metric in RECEIVED:
+            REGISTRY.register(metric)
+
+    def retire(self, worker: int) -> None:
+        _add(self._retired, self.live.pop(worker, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        totals: Samples = {}
+        for samples in (self._retired, *self.live.values()):
+            _add(totals, samples)
+        for metric in RECEIVED:
+            for own in metric.collect():
+                family = Metric(own.name, own.documentation, own.type)
+                if own.name not in totals:  # no worker has answered yet: this process's zeros
+                    family.samples = list(own.samples)
+                for (name, labels), value in totals.get(own.name, {}).items():
+                    family.add_sample(name, dict(labels), value)
+                yield family
+
+
+def _add(totals: Samples, samples: Samples) -> None:
+    for family, values in samples.items():
+        into = totals.setdefault(family, {})
+        for key, value in values.items():
+            into[key] = into.get(key, 0.0) + value
 
 
 class FootprintGauges:
@@ -476,6 +549,10 @@ async def store_problem(store: Store) -> str | None:
 # --------------------------------------------------------------------------- endpoint
 
 
+async def _nothing_to_gather() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Sources:
     """What the endpoint reads, handed over by the composition root."""
@@ -485,6 +562,8 @@ class Sources:
     addresses: list[str]  # the SMTP listen addresses
     windows: Callable[[], dict[str, float]]  # per-host pacing windows (Pacers.windows)
     store_timeout: float
+    # Asks the receiver workers for their counts (`ReceivedCounts`) before a scrape.
+    gather: Callable[[], Awaitable[None]] = _nothing_to_gather
 
 
 class Endpoint:
@@ -531,6 +610,7 @@ class Endpoint:
         return (200 if healthy else 503), body
 
     async def scrape(self) -> bytes:
+        await self.sources.gather()
         try:
             view = await asyncio.wait_for(
                 QueueView.read(self.sources.counts), self.sources.store_timeout

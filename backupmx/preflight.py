@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from backupmx.config import Config
-from backupmx.mail.hosts import HostPort, parse_host_port
+from backupmx.mail.hosts import HostPort, listening_socket, parse_host_port
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,10 @@ def address_problems(config: Config, bind: bool) -> list[Problem]:
 
 
 def _bind(key: str, address: HostPort, family: int, sockaddr: tuple[object, ...]) -> Problem | None:
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as error:
-            return not_bound(key, str(address), error)
+    try:
+        listening_socket(family, sockaddr).close()
+    except OSError as error:
+        return not_bound(key, str(address), error)
     return None
 
 

@@ -1,12 +1,14 @@
 """Host and port as configuration and routes write them: ``mx1.example.com:25``,
 ``127.0.0.1:2525``, ``[::1]:25``.  `parse_host_port` raises ValueError naming
-the text when it is neither."""
+the text when it is neither; `listening_socket` binds one such address."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,18 @@ def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range")
     return HostPort(host, port)
+
+
+def listening_socket(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket bound to `sockaddr` (IPv6 sockets take IPv6 only, so that "[::]:25"
+    and "0.0.0.0:25" are two sockets), not yet listening; raises OSError."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock

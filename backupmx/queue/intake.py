@@ -13,7 +13,7 @@ acknowledgement; the process writes everything that arrived since its last
 commit in one transaction (group commit: one fsync per batch) and only then
 acknowledges each message of the batch.
 
-Wire format: frames of a 4-byte big-endian length and a pickle.  To the
+Wire format: `backupmx.link` frames.  To the
 intake, a `NewMessage` whose body is in its `portable` form: the bytes of a
 spool still in memory, or the path of the spool's unlinked temporary file
 through ``/proc/<pid>/fd/<n>``, so a 50 MiB body is not copied through the
@@ -42,22 +42,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import pickle
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
 
 import structlog
 from sqlalchemy.engine import Engine
 
 from backupmx import logs
+from backupmx.link import frame, unframe
 from backupmx.queue.database import open_writer_engine, storage_full
 from backupmx.queue.inserter import Inserter
 from backupmx.queue.records import NewMessage, utcnow
@@ -65,7 +62,6 @@ from backupmx.queue.writer import MAX_BATCH, MAX_BATCH_BYTES
 
 log = structlog.get_logger("backupmx.queue")
 
-_LENGTH = struct.Struct("!I")
 RESTART_INTERVAL = 1.0  # seconds between starts of a failing intake process
 START_TIMEOUT = 60.0  # seconds to open the store (a PostgreSQL connect included)
 CLOSE_TIMEOUT = 30.0  # seconds the last batch may take at shutdown
@@ -73,25 +69,6 @@ CLOSE_TIMEOUT = 30.0  # seconds the last batch may take at shutdown
 
 class IntakeError(RuntimeError):
     """The intake process could not commit the message (or is gone)."""
-
-
-def frame(value: object) -> bytes:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
-
-
-def unframe(buffer: bytearray) -> Iterator[Any]:
-    """Take every complete frame off the front of `buffer`."""
-    start = 0
-    with memoryview(buffer) as view:
-        while len(buffer) - start >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(view, start)
-            end = start + _LENGTH.size + length
-            if end > len(buffer):
-                break
-            yield pickle.loads(view[start + _LENGTH.size : end])
-            start = end
-    del buffer[:start]
 
 
 # ---------------------------------------------------------------------- receiver side

@@ -25,8 +25,9 @@ change of a recipient is a transition of `backupmx.queue.state`.
 Promises: `enqueue` returns only after the message and all its recipients are
 committed (by the intake process, `backupmx.queue.intake`, in group commits); on
 any storage error it raises and nothing of the message is visible.  `start`
-starts the two writers (only ``serve`` needs them; the CLI reads and acts
-without); `close` lets them finish what they hold.
+starts the results writer (``serve``), `start_intake` the intake (each receiver
+worker); the CLI reads and acts without either; `close` lets them finish what
+they hold.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class Store(
         return cls(url)
 
     async def start(self) -> None:
-        """Start the writers (serve only): the intake process for received mail, and the
-        group-commit thread for delivery results."""
+        """Start the group-commit thread for delivery results (serve, which delivers)."""
         self._start_recorder()
+
+    async def start_intake(self) -> None:
+        """Start the intake process for received mail (a receiver worker)."""
         await self._intake.start()
 
     async def close(self) -> None:

@@ -26,10 +26,8 @@ greylisting fail open, recipient verification fails to 450.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
@@ -42,70 +40,15 @@ from backupmx.receive import greylist
 from backupmx.receive.dnsbl import Lookup, Lookups
 from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.proxy import Input, ProxyError, read_header
-from backupmx.receive.recipients import Status, Verifier, check_recipient, reply_for
+from backupmx.receive.recipients import Status, Verifying, check_recipient, reply_for
 
 log = structlog.get_logger("backupmx.receive")
 
-RATE_WINDOW = 60.0  # the limits are "per minute"
-# Buckets kept at most, (kind, client IP) each: about 30 MB.  A bucket untouched for
-# RATE_WINDOW is full again and is dropped at once; past this bound the longest
-# untouched goes too, so a flood from more addresses than this in a minute (IPv6
-# makes that cheap) resets the oldest counts rather than growing the process.
-MAX_TRACKED_CLIENTS = 100_000
 
+class Rates(Protocol):
+    """The per-client rate buckets (`backupmx.receive.anvil`), wherever they are kept."""
 
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-class ClientRates:
-    """Token buckets per (kind, client IP): `limit` per minute, bursts up to `limit`.
-
-    Like Postfix's anvil, but a bucket rather than fixed minutes, so a client cannot
-    send twice the limit across a minute's boundary.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        # Least recently touched first (each take moves its bucket to the end), so
-        # the idle ones are found at the front.  At most MAX_TRACKED_CLIENTS.
-        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, kind: str, client_ip: str, limit: int, count: int = 1) -> bool:
-        """Count `count` events; False (and nothing counted) if that goes past `limit`."""
-        if limit <= 0:
-            return True
-        now = self._clock()
-        self._forget_idle(now)
-        key = (kind, client_ip)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= MAX_TRACKED_CLIENTS:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[key] = _Bucket(float(limit), now)
-        else:
-            self._buckets.move_to_end(key)
-        bucket.tokens = min(
-            float(limit), bucket.tokens + (now - bucket.updated) * limit / RATE_WINDOW
-        )
-        bucket.updated = now
-        if bucket.tokens < count:
-            return False
-        bucket.tokens -= count
-        return True
-
-    def _forget_idle(self, now: float) -> None:
-        """A bucket untouched for a whole window is full again: it carries no state."""
-        while self._buckets:
-            oldest = next(iter(self._buckets.values()))
-            if now - oldest.updated < RATE_WINDOW:
-                return
-            self._buckets.popitem(last=False)
+    async def take(self, kind: str, client_ip: str, limit: int) -> bool: ...
 
 
 class ClientChecks:
@@ -114,13 +57,14 @@ class ClientChecks:
     def __init__(
         self,
         store: Store,
-        verifier: Verifier | None = None,
+        rates: Rates,
+        verifier: Verifying | None = None,
         dnsbl_lookup: Lookup | None = None,
     ) -> None:
         self.store = store
+        self.rates = rates
         self.verifier = verifier
         self.dnsbl_lookup = dnsbl_lookup
-        self.rates = ClientRates()
 
 
 class Screen:
@@ -144,7 +88,7 @@ class Screen:
         self,
         reader: Input,
         buffered: Callable[[], int],
-        readmit: Callable[[str], str | None],
+        readmit: Callable[[str], Awaitable[str | None]],
     ) -> str | None:
         """Before the banner: the refusal to send (and close), or None to greet.
 
@@ -160,7 +104,7 @@ class Screen:
                 log.info("proxy_header_refused", error=str(error) or type(error).__name__)
                 return replies.BAD_PROXY_HEADER
             if real is not None:
-                refusal = readmit(real)
+                refusal = await readmit(real)
                 log.info("proxied", balancer=self.client_ip, client=real)
                 self.client_ip = real
                 if refusal is not None:
@@ -185,9 +129,9 @@ class Screen:
 
     # ------------------------------------------------------------------ MAIL
 
-    def message(self) -> str | None:
+    async def message(self) -> str | None:
         limit = self._policy().limits.max_messages_per_minute_per_ip
-        if self.checks.rates.take("message", self.client_ip, limit):
+        if limit <= 0 or await self.checks.rates.take("message", self.client_ip, limit):
             return None
         log.info("rate_limited", kind="messages", limit=limit)
         return replies.too_much_mail(self.client_ip)
@@ -203,7 +147,7 @@ class Screen:
             await asyncio.sleep(settings.harvest_delay)
             return replies.HARVEST
         limit = policy.limits.max_recipients_per_minute_per_ip
-        if not self.checks.rates.take("recipient", self.client_ip, limit):
+        if limit > 0 and not await self.checks.rates.take("recipient", self.client_ip, limit):
             log.info("rate_limited", kind="recipients", limit=limit)
             return replies.too_many_recipients_from(self.client_ip)
         if postmaster:

@@ -1,13 +1,19 @@
-"""The listening sockets and the sessions on them: limits, reload, drain.
+"""One receiver worker's listening sockets and the sessions on them: limits, reload, drain.
 
-`Listener` binds every ``listen`` address (IPv4 and IPv6) on the application's
-event loop, counts connections in total and per client IP (``receive.admission``
-decides the ``421`` past either limit), and holds the current `ReceivePolicy`,
-which `reload` swaps in one step on SIGHUP so that open sessions see the new
-domains, limits and certificate from their next command.
+`Listener` serves the listening sockets the serve process bound and handed over
+(`backupmx.receive.workers`), keeps the set of its open sessions, and holds the
+current `ReceivePolicy`, which `reload` swaps in one step on SIGHUP so that open
+sessions see the new domains, limits and certificate from their next command.
+
+Admission asks the shared counts (`SharedCounts`: the serve process's
+`backupmx.receive.anvil`, over the worker's link) before the greeting, so that
+the connection limits, in total and per client address, hold across every worker;
+``receive.admission`` decides the ``421`` past either.  A session's seat is named
+by its session id and given back when it ends, also when it ends while its
+admission is still being asked.
 
 Each `Session` gets the same `Services`: the policy and drain state to read,
-the listener itself as its `Seats`, and the capabilities the application wired
+the listener itself as its `Seats`, and the capabilities the worker wired
 (client checks, spam hook, the store's commit, ETRN).  The session never
 imports the listener.
 
@@ -20,14 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
+from backupmx.link import LinkError
 from backupmx.mail import replies
 from backupmx.queue.store import Store
-from backupmx.receive import admission
 from backupmx.receive.clients import ClientChecks
 from backupmx.receive.policy import ReceivePolicy
 from backupmx.receive.session import Services, Session
@@ -36,23 +43,33 @@ from backupmx.receive.spamcheck import SpamChecker
 log = structlog.get_logger("backupmx.receive")
 
 
+class SharedCounts(Protocol):
+    """The connection counts all workers share (`backupmx.receive.anvil`)."""
+
+    async def admit(self, seat: str, client_ip: str) -> str | None: ...
+
+    def leave(self, seat: str) -> None: ...
+
+
 class Listener:
     def __init__(
         self,
         policy: ReceivePolicy,
         store: Store,
+        counts: SharedCounts,
+        checks: ClientChecks,
         etrn: Callable[[str], Awaitable[int]] | None = None,
-        checks: ClientChecks | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
-        self.checks = checks or ClientChecks(store)
+        self.counts = counts
+        self.checks = checks
         self.spam = SpamChecker()
         self.etrn = etrn  # make a domain's queued mail due now; returns how many recipients
         self.draining = False
         self.sessions: set[Session] = set()
-        self._per_ip: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
+        self._sockets: list[socket.socket] = []
         self._all_closed = asyncio.Event()
         self._services = Services(
             policy=lambda: self.policy,
@@ -64,41 +81,47 @@ class Listener:
             etrn=etrn,
         )
 
-    async def start(self, addresses: list[tuple[str, int]]) -> None:
+    async def start(self, sockets: list[socket.socket]) -> None:
+        """Serve the listening sockets bound by the serve process."""
         loop = asyncio.get_running_loop()
-        for host, port in addresses:
+        self._sockets = sockets
+        for sock in sockets:
             server = await loop.create_server(
-                lambda: Session(self._services), host, port, reuse_address=True, backlog=512
+                lambda: Session(self._services), sock=sock, backlog=512
             )
             self._servers.append(server)
-            log.info("listening", host=host, port=port)
 
     def reload(self, policy: ReceivePolicy) -> None:
         self.policy = policy
 
-    def admit(self, session: Session) -> str | None:
-        """Count a new connection; return the refusal reply if it is over a limit."""
-        reply = admission.refusal(
-            self.policy.limits, self.draining, len(self.sessions), self._per_ip[session.client_ip]
-        )
-        if reply is not None:
-            return reply
-        self.sessions.add(session)
-        self._per_ip[session.client_ip] += 1
-        return None
+    async def admit(self, session: Session) -> str | None:
+        """Take a seat for a new connection; the refusal reply if it is over a limit."""
+        return await self._seat(session, session.client_ip)
 
-    def readmit(self, session: Session, client_ip: str) -> str | None:
-        """Count a proxied connection under the real client's address (PROXY header)."""
-        self.forget(session)
+    async def readmit(self, session: Session, client_ip: str) -> str | None:
+        """Move the seat to the real client named by a PROXY header."""
         session.client_ip = client_ip
-        return self.admit(session)
+        return await self._seat(session, client_ip)
+
+    async def _seat(self, session: Session, client_ip: str) -> str | None:
+        if self.draining:
+            self.forget(session)
+            return replies.SHUTTING_DOWN
+        self.sessions.add(session)
+        try:
+            refusal = await self.counts.admit(session.session_id, client_ip)
+        except LinkError:  # the serve process is gone: this worker is about to stop
+            refusal = replies.SHUTTING_DOWN
+        if refusal is None and self.draining:
+            refusal = replies.SHUTTING_DOWN
+        if refusal is not None:
+            self.forget(session)
+        return refusal
 
     def forget(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self._per_ip[session.client_ip] -= 1
-            if self._per_ip[session.client_ip] <= 0:
-                del self._per_ip[session.client_ip]
+            self.counts.leave(session.session_id)
         if not self.sessions:
             self._all_closed.set()
 
@@ -106,6 +129,8 @@ class Listener:
         self.draining = True
         for server in self._servers:
             server.close()
+        for sock in self._sockets:  # uvloop serves a duplicate: the original must go too
+            sock.close()
         for session in list(self.sessions):
             if not session.in_data:
                 session.close_with(replies.SHUTTING_DOWN)

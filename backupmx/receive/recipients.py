@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -210,6 +211,12 @@ class RecipientPolicy:
 Callout = Callable[[str, str], Awaitable[CalloutAnswer]]  # (domain, address) -> answer
 
 
+class Verifying(Protocol):
+    """What checks a recipient by callout: `Verifier`, or a receiver worker's way to it."""
+
+    async def check(self, address: Address, settings: Recipients) -> Verification: ...
+
+
 class Verifier:
     """The "verify" mode: cache first, then one bounded callout per address."""
 
@@ -308,7 +315,7 @@ class Verifier:
 
 
 async def check_recipient(
-    address: Address, policy: RecipientPolicy, verifier: Verifier | None
+    address: Address, policy: RecipientPolicy, verifier: Verifying | None
 ) -> Status:
     """The status of a recipient of a backed-up domain under its domain's rule."""
     rule = policy.rule(address.routing_domain)

@@ -88,9 +88,9 @@ LINGER = 2.0
 class Seats(Protocol):
     """The listener's count of open connections (`receive.admission` decides)."""
 
-    def admit(self, session: Session) -> str | None: ...
+    async def admit(self, session: Session) -> str | None: ...
 
-    def readmit(self, session: Session, client_ip: str) -> str | None: ...
+    async def readmit(self, session: Session, client_ip: str) -> str | None: ...
 
     def forget(self, session: Session) -> None: ...
 
@@ -235,8 +235,6 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = self.screen.client_ip = str(peer[0]) if peer else "unknown"
-        self.refusal = self.seats.admit(self)
-        metrics.connection_opened(self.refusal)
         self._reset_timeout()
         self._greeter = self.loop.create_task(self._greet())
 
@@ -349,6 +347,8 @@ class Session(asyncio.Protocol):
         """Admission, the PROXY header and the banner delay, then the greeting; from
         there on `data_received` answers the commands."""
         structlog.contextvars.bind_contextvars(session=self.session_id, client=self.client_ip)
+        self.refusal = await self.seats.admit(self)
+        metrics.connection_opened(self.refusal)
         if self.refusal:
             log.info("connection_refused", reason=self.refusal)
             self.close_with(self.refusal)
@@ -482,14 +482,11 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ MAIL, RCPT
 
-    def _screen_sender(self, event: SenderGiven) -> None:
-        try:
-            refusal = self.screen.message()
-        except Exception as error:
-            log.exception("command_failed", command="MAIL", error=str(error))
-            self.conversation.fail()
-            return
-        self.conversation.answer(refusal)
+    def _sender(self, event: SenderGiven) -> None:
+        self._start(self._screen_sender())
+
+    async def _screen_sender(self) -> None:
+        self.conversation.answer(await self.screen.message())
 
     def _recipient(self, event: RecipientGiven) -> None:
         self._start(self._screen_recipient(event))
@@ -687,7 +684,7 @@ class Session(asyncio.Protocol):
 # CLOSED are handled in `Session._answer`).
 _HANDLERS: dict[type[Event], Callable[[Session, Any], None]] = {
     MessageData: Session._message_data,
-    SenderGiven: Session._screen_sender,
+    SenderGiven: Session._sender,
     RecipientGiven: Session._recipient,
     MessageStarted: Session._start_message,
     MessageEnded: Session._message_ended,

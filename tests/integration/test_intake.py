@@ -1,8 +1,9 @@
-"""The queue intake process: received mail is committed by a child of `backupmx serve`.
+"""The queue intake process: received mail is committed by a child of each receiver worker.
 
 Its life is tied to the server's: it ignores the signals systemd sends to the whole
 control group (the server decides when to stop), it leaves when the server is gone,
-and the server starts a new one when it dies.
+and its worker starts a new one when it dies.  The server here runs one receiver
+worker, so that every message goes through the intake the test watches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,40 +27,23 @@ from backupmx.queue.records import (
     new_queue_id,
 )
 from backupmx.queue.store import Store
+from tests.support.processes import alive, intakes, receivers
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id
 from tests.support.waiting import wait_for
 
 
+@pytest.fixture
+def server(server_factory: Any) -> ServerProcess:
+    started: ServerProcess = server_factory(receivers=1).start()
+    return started
+
+
 def intake_pids(server: ServerProcess) -> list[int]:
-    """The server's children that run the intake."""
+    """The intake of the server's one receiver worker (the fixtures run one)."""
     assert server.process is not None
-    return intake_children(server.process.pid)
-
-
-def intake_children(parent_pid: int) -> list[int]:
-    """The children of `parent_pid` that run the intake."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == parent_pid and b"backupmx.queue.intake" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    (worker,) = wait_for(lambda: receivers(server.process.pid), 20, "the receiver worker")
+    return wait_for(lambda: intakes(worker), 20, "its intake")
 
 
 def send(server: ServerProcess, tag: str) -> str:
@@ -125,7 +109,7 @@ async def test_a_message_that_cannot_be_written_fails_alone_and_the_rest_of_its_
     intake = Intake(database_url)
     await intake.start()
     try:
-        (pid,) = intake_children(os.getpid())
+        (pid,) = intakes(os.getpid())
         good = [new_message(f"good-{n}", f"good{n}@sender.test") for n in range(3)]
         poison = new_message("poison-session", "b\udcffd\x00@sender.test")
         order = [good[0], poison, *good[1:]]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from backupmx.config import Dnsbl, DnsblZone
-from backupmx.receive import clients
-from backupmx.receive.clients import ClientRates
+from backupmx.receive import anvil
+from backupmx.receive.anvil import ClientRates
 from backupmx.receive.dnsbl import listed, query_name
 from backupmx.receive.greylist import client_network
 from backupmx.receive.proxy import ProxyError, parse_v1, parse_v2
@@ -78,7 +78,7 @@ def test_rates_are_per_client_and_refill_over_the_minute() -> None:
 def test_rates_forget_idle_clients_and_never_track_more_than_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(clients, "MAX_TRACKED_CLIENTS", 3)
+    monkeypatch.setattr(anvil, "MAX_TRACKED_CLIENTS", 3)
     now = [0.0]
     rates = ClientRates(clock=lambda: now[0])
     for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
