@@ -325,7 +325,8 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
 
         callout = PrimaryCallout(primaries.route, config.hostname, app.timeouts())
         anvil = Anvil(lambda: app.config.limits)
-        receivers = Receivers(config, anvil, Verifier(store, callout), etrn)
+        assert store.intake is not None
+        receivers = Receivers(config, anvil, Verifier(store, callout), etrn, store.intake.address)
 
         def reloaded(new: configuration.Config) -> None:
             policy = policy_from(new)  # a certificate that does not load refuses the reload

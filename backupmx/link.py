@@ -8,7 +8,8 @@ is our own code: pickles are never read from anywhere else.
 and its receiver workers (`backupmx.receive.workers`).  Either end may `ask`
 (a request with a number, answered once, in any order) or `tell` (a notice, no
 answer); what arrives goes to the `handler` given, whose result (awaited if it
-is awaitable) is the answer.  A handler that raises answers with the error's
+is awaitable) is the answer.  Frames are sent together once per turn of the
+event loop.  A handler that raises answers with the error's
 text, and `ask` raises `LinkError` with it.  When the other end goes away,
 every question waiting raises `LinkError` and `closed` is set.
 """
@@ -64,6 +65,7 @@ class Link(asyncio.Protocol):
         self._numbers = itertools.count()
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._answering: set[asyncio.Task[None]] = set()
+        self._outbox: list[bytes] = []  # frames written together at the loop's next turn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -82,8 +84,7 @@ class Link(asyncio.Protocol):
 
     def tell(self, verb: str, *args: Any) -> None:
         """A notice that gets no answer; dropped if the other end is gone."""
-        if self.transport is not None:
-            self.transport.write(frame(("tell", verb, args)))
+        self._send(("tell", verb, args))
 
     async def ask(self, verb: str, *args: Any) -> Any:
         if self.transport is None:
@@ -91,7 +92,7 @@ class Link(asyncio.Protocol):
         number = next(self._numbers)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
-        self.transport.write(frame(("ask", number, verb, args)))
+        self._send(("ask", number, verb, args))
         try:
             return await future
         finally:
@@ -144,9 +145,23 @@ class Link(asyncio.Protocol):
     ) -> None:
         if error is not None:
             log.error("link_request_failed", error=str(error) or type(error).__name__)
-        if number is None or self.transport is None:
+        if number is None:
             return
         if error is None:
-            self.transport.write(frame(("answer", number, result)))
+            self._send(("answer", number, result))
         else:
-            self.transport.write(frame(("error", number, str(error) or type(error).__name__)))
+            self._send(("error", number, str(error) or type(error).__name__))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """Queue a frame; all the frames of one turn of the event loop go in one write (a
+        receiver admits and releases connections by the dozen per turn)."""
+        if self.transport is None:
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(frame(message))
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if self.transport is not None:
+            self.transport.write(b"".join(frames))

@@ -25,9 +25,9 @@ change of a recipient is a transition of `backupmx.queue.state`.
 Promises: `enqueue` returns only after the message and all its recipients are
 committed (by the intake process, `backupmx.queue.intake`, in group commits); on
 any storage error it raises and nothing of the message is visible.  `start`
-starts the results writer (``serve``), `start_intake` the intake (each receiver
-worker); the CLI reads and acts without either; `close` lets them finish what
-they hold.
+starts the writers (only ``serve`` needs them: the results writer and the intake
+process), `receive_through` points a receiver worker at that intake; the CLI
+reads and acts without either; `close` lets them finish what they hold.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from backupmx.queue.admin import Admin
 from backupmx.queue.attempts import Attempts
 from backupmx.queue.claims import Claims
 from backupmx.queue.domains import Domains
-from backupmx.queue.intake import Intake
+from backupmx.queue.intake import Intake, IntakeClient, IntakeError
 from backupmx.queue.inventory import Inventory
 from backupmx.queue.memory import Memory
 from backupmx.queue.nodes import Nodes
@@ -54,24 +54,35 @@ class Store(
 ):
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self._intake = Intake(url)
+        self.intake: Intake | None = None  # serve's: the intake process
+        self._intake_client: IntakeClient | None = None  # a receiver's way to it
 
     @classmethod
     def open(cls, url: str) -> Store:
         return cls(url)
 
     async def start(self) -> None:
-        """Start the group-commit thread for delivery results (serve, which delivers)."""
+        """Start the writers (serve only): the group-commit thread for delivery results,
+        and the intake process, which the receiver workers reach at `intake.address`."""
         self._start_recorder()
+        self.intake = Intake(self.url)
+        await self.intake.start()
 
-    async def start_intake(self) -> None:
-        """Start the intake process for received mail (a receiver worker)."""
-        await self._intake.start()
+    async def receive_through(self, intake_address: str) -> None:
+        """Commit received mail through serve's intake (a receiver worker); raises
+        IntakeError if it cannot be reached."""
+        self._intake_client = IntakeClient(intake_address)
+        await self._intake_client.connect()
 
     async def close(self) -> None:
-        await self._intake.close()
+        if self._intake_client is not None:
+            await self._intake_client.close()
+        if self.intake is not None:
+            await self.intake.close()
         await self._stop_recorder()
         await self.engine.dispose()
 
     async def enqueue(self, message: NewMessage) -> None:
-        await self._intake.commit(replace(message, body=message.body.portable()))
+        if self._intake_client is None:
+            raise IntakeError("this process does not receive mail")
+        await self._intake_client.commit(replace(message, body=message.body.portable()))

@@ -7,11 +7,12 @@ them stays in the serve process and is asked over the worker's link
 (`backupmx.link`): the per-client counts (`backupmx.receive.anvil`: admission
 and rates), recipient callouts (one verification cache and one callout budget),
 and ETRN's wake-up of the deliverer.  Everything else is the worker's own: its
-store connections (greylisting, the spam records) and its intake process, which
-commits what its sessions receive (invariant 1: ``250`` only after the commit).
+store connections (greylisting, the spam records), and its socket to serve's
+intake process, which commits what its sessions receive (invariant 1: ``250``
+only after the commit).
 
-The link carries, from serve: ``start`` (the configuration; answered once the
-sockets are served and the intake is up), ``reload`` (a new configuration, on
+The link carries, from serve: ``start`` (the configuration and the intake's
+address; answered once the sockets are served), ``reload`` (a new configuration, on
 SIGHUP) and ``counts`` (this process's receiving metrics, for a scrape).
 
 SIGTERM or SIGINT drains (`Listener.drain`), lets the intake commit what it
@@ -93,11 +94,11 @@ class Worker:
             return metrics.received_samples()
         raise ValueError(f"unknown request {verb!r}")
 
-    async def start(self, config: Config) -> None:
+    async def start(self, config: Config, intake_address: str) -> None:
         serve = self.serve
         assert serve is not None
         self.store = Store.open(config.database)
-        await self.store.start_intake()
+        await self.store.receive_through(intake_address)
         resolver = Resolver(
             [parse_host_port(n, default_port=53) for n in config.dns.nameservers],
             config.dns.timeout,

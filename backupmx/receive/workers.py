@@ -14,11 +14,11 @@ link (`backupmx.link`): ``admit``/``leave`` and ``take`` go to the `Anvil`
 `Verifier` (its cache and callout budget), ``etrn`` to the deliverer's wake-up.
 
 Start-up: serve waits until every worker answers ``start`` (its sockets
-served, its intake up) before READY=1.  A worker that exits while serve is not
+served) before READY=1.  A worker that exits while serve is not
 stopping is logged (``receiver_exited``), its seats are given back, and a new
 one starts, at most one per `RESTART_INTERVAL`; the sessions it had are cut, and
-none of them had been answered ``250`` for a message not committed (each
-worker's intake commits before the reply).  SIGHUP: serve reads the file and
+none of them had been answered ``250`` for a message not committed (the
+intake commits before the reply).  SIGHUP: serve reads the file and
 sends the configuration it accepted to every worker.  Drain (SIGTERM): serve
 closes its copies of the sockets and signals every worker, which drains its
 sessions (``drain_timeout``) and exits; a worker still there
@@ -51,7 +51,7 @@ from backupmx.receive.recipients import Verifying
 log = structlog.get_logger("backupmx.receive")
 
 RESTART_INTERVAL = 1.0  # seconds between starts of a worker, when one keeps failing
-START_TIMEOUT = 60.0  # seconds a worker may take to serve (its intake opens the store)
+START_TIMEOUT = 60.0  # seconds a worker may take to serve
 COUNTS_TIMEOUT = 1.0  # seconds a scrape waits for a worker's counts
 DRAIN_GRACE = 10.0  # seconds past drain_timeout before a worker that has not exited is killed
 
@@ -74,8 +74,10 @@ class Receivers:
         anvil: Anvil,
         verifier: Verifying,
         etrn: Callable[[str], Awaitable[int]],
+        intake_address: str,
     ) -> None:
         self.config = config  # the running one: a new worker starts with it
+        self.intake_address = intake_address  # serve's intake, which commits what they receive
         self.anvil = anvil
         self.verifier = verifier
         self.etrn = etrn
@@ -133,7 +135,9 @@ class Receivers:
         self._watching.add(watch)
         watch.add_done_callback(self._watching.discard)
         try:
-            await asyncio.wait_for(link.ask("start", self.config), START_TIMEOUT)
+            await asyncio.wait_for(
+                link.ask("start", self.config, self.intake_address), START_TIMEOUT
+            )
         except (LinkError, TimeoutError) as error:
             process.kill()
             raise ReceiverFailed(f"receiver {number} did not start: {error}") from error

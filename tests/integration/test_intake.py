@@ -1,9 +1,9 @@
-"""The queue intake process: received mail is committed by a child of each receiver worker.
+"""The queue intake process: received mail is committed by one child of `backupmx serve`,
+for every receiver worker.
 
 Its life is tied to the server's: it ignores the signals systemd sends to the whole
 control group (the server decides when to stop), it leaves when the server is gone,
-and its worker starts a new one when it dies.  The server here runs one receiver
-worker, so that every message goes through the intake the test watches.
+and the server starts a new one when it dies.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
 import pytest
 
 from backupmx.queue.database import upgrade
-from backupmx.queue.intake import Intake, IntakeError
+from backupmx.queue.intake import Intake, IntakeClient, IntakeError
 from backupmx.queue.records import (
     BytesBody,
     NewMessage,
@@ -27,23 +26,15 @@ from backupmx.queue.records import (
     new_queue_id,
 )
 from backupmx.queue.store import Store
-from tests.support.processes import alive, intakes, receivers
+from tests.support.processes import alive, intakes
 from tests.support.server import DOMAIN, ServerProcess
 from tests.support.smtp_client import RawClient, queue_id
 from tests.support.waiting import wait_for
 
 
-@pytest.fixture
-def server(server_factory: Any) -> ServerProcess:
-    started: ServerProcess = server_factory(receivers=1).start()
-    return started
-
-
 def intake_pids(server: ServerProcess) -> list[int]:
-    """The intake of the server's one receiver worker (the fixtures run one)."""
     assert server.process is not None
-    (worker,) = wait_for(lambda: receivers(server.process.pid), 20, "the receiver worker")
-    return wait_for(lambda: intakes(worker), 20, "its intake")
+    return intakes(server.process.pid)
 
 
 def send(server: ServerProcess, tag: str) -> str:
@@ -108,19 +99,22 @@ async def test_a_message_that_cannot_be_written_fails_alone_and_the_rest_of_its_
     await upgrade(store.engine)
     intake = Intake(database_url)
     await intake.start()
+    client = IntakeClient(intake.address)
     try:
+        await client.connect()
         (pid,) = intakes(os.getpid())
         good = [new_message(f"good-{n}", f"good{n}@sender.test") for n in range(3)]
         poison = new_message("poison-session", "b\udcffd\x00@sender.test")
         order = [good[0], poison, *good[1:]]
         os.kill(pid, signal.SIGSTOP)  # every frame waits in the socket: one batch
         try:
-            commits = [asyncio.ensure_future(intake.commit(m)) for m in order]
+            commits = [asyncio.ensure_future(client.commit(m)) for m in order]
             await asyncio.sleep(0)  # each commit writes its frame, then waits
         finally:
             os.kill(pid, signal.SIGCONT)
         results = await asyncio.wait_for(asyncio.gather(*commits, return_exceptions=True), 30)
     finally:
+        await client.close()
         await intake.close()
 
     assert [type(r) for r in results] == [type(None), IntakeError, type(None), type(None)]

@@ -206,3 +206,37 @@ async def test_cheap_counts_are_read_every_time_and_once_for_concurrent_readers(
     together = await asyncio.gather(counts.read(), counts.read())  # scrape and STATUS= at once
     assert [stats.messages for stats, _ in together] == [4, 4]
     assert store.reads == 4
+
+
+def test_the_receivers_counts_are_added_up_and_a_replaced_one_never_lowers_them() -> None:
+    """Each receiver worker counts in its own process; serve's scrape shows the sums, and
+    a worker that exited leaves its last counts in them."""
+    metrics.CONNECTIONS.labels("accepted").inc(0)  # the label set exists in every worker
+    baseline = metrics.received_samples()
+    counts = metrics.ReceivedCounts()
+    counts.install()
+    try:
+
+        def worker(accepted: float, refused: float) -> metrics.Samples:
+            samples = {family: dict(values) for family, values in baseline.items()}
+            connections = samples["backupmx_connections"]
+            connections[("backupmx_connections_total", (("result", "accepted"),))] = accepted
+            connections[("backupmx_connections_total", (("result", "refused"),))] = refused
+            return samples
+
+        def scraped() -> dict[str, float]:
+            text = metrics.generate_latest(metrics.REGISTRY).decode()
+            return {
+                sample.labels["result"]: sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "backupmx_connections"
+                for sample in family.samples
+            }
+
+        counts.live = {0: worker(5, 1), 1: worker(7, 0)}
+        assert scraped() == {"accepted": 12, "refused": 1}
+        counts.retire(1)  # worker 1 exited; its replacement starts from zero
+        counts.live[1] = worker(2, 0)
+        assert scraped() == {"accepted": 14, "refused": 1}
+    finally:
+        counts.uninstall()
