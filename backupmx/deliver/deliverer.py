@@ -123,6 +123,7 @@ class Deliverer:
         self._room = asyncio.Condition()
         self._in_flight = 0  # recipients claimed and not yet recorded
         self._sending = 0  # of those, recipients whose message holds a connection slot
+        self._recording = 0  # and those whose results are on their way to the store
         # Results the database could not take when they came (`_store`), for later.
         self._unrecorded: list[tuple[Sequence[Result], Sequence[NewMessage]]] = []
         self._recording_late = asyncio.Lock()
@@ -217,7 +218,9 @@ class Deliverer:
             return self._may_claim()
 
     def _may_claim(self) -> bool:
-        waiting = self._in_flight - self._sending
+        # Results waiting for their group commit do not wait for a connection: counted
+        # as waiting, a commit's latency kept the connections idle during a flush.
+        waiting = self._in_flight - self._sending - self._recording
         return (
             self._in_flight < self.settings.max_recipients_in_flight
             and waiting <= self.settings.claim_batch // 2
@@ -227,11 +230,17 @@ class Deliverer:
     async def _slot_taken(self, count: int) -> None:
         async with self._room:
             self._sending += count
-            self._room.notify_all()
+            self._notify_room()
 
     async def _done(self, count: int) -> None:
         async with self._room:
             self._in_flight -= count
+            self._notify_room()
+
+    def _notify_room(self) -> None:
+        # Only when a claim may follow: in a flush every message changes the counts
+        # three times, and a claim loop woken for nothing costs a task step each.
+        if self._may_claim():
             self._room.notify_all()
 
     # ------------------------------------------------------------------ one domain
@@ -239,6 +248,16 @@ class Deliverer:
     async def _deliver_domain(
         self, domain: str, claims: list[Claim], claimed_at: float, epoch: int
     ) -> None:
+        settled = 0  # claims already out of flight, message by message
+
+        async def deliver(route: RoutePlan, message: Outbound, group: list[Claim]) -> None:
+            nonlocal settled
+            try:
+                await self._deliver_message(domain, route, message, group, claimed_at, epoch)
+            finally:
+                settled += len(group)
+                await self._done(len(group))
+
         try:
             route = await self.primaries.route(domain)
             if not isinstance(route, RoutePlan):
@@ -253,13 +272,21 @@ class Deliverer:
             for claim in claims:
                 by_message[claim.message_id].append(claim)
             # A message deleted by an admin since the claim has no recipients left to send.
-            await asyncio.gather(
+            # Each message leaves the flight as soon as it is recorded, not with the last
+            # of its batch: a batch's slowest message must not keep the next claim waiting.
+            # A failure is handled below once every message is done, so that no message
+            # is still being sent when the group's recipients are deferred.
+            done = await asyncio.gather(
                 *(
-                    self._deliver_message(domain, route, messages[mid], group, claimed_at, epoch)
+                    deliver(route, messages[mid], group)
                     for mid, group in by_message.items()
                     if mid in messages
-                )
+                ),
+                return_exceptions=True,
             )
+            failures = [outcome for outcome in done if isinstance(outcome, Exception)]
+            if failures:
+                raise failures[0]
         except Exception as error:
             # Recipients already recorded are no longer ours to change, so deferring
             # every claim of this group touches only those still in flight.
@@ -273,7 +300,7 @@ class Deliverer:
                 [],
             )
         finally:
-            await self._done(len(claims))
+            await self._done(len(claims) - settled)
 
     async def _deliver_message(
         self,
@@ -291,7 +318,10 @@ class Deliverer:
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
         tls = self.primaries.policies(domain).tls
-        for hop in self.primaries.hops(route):
+        hops = self.primaries.hops(route)
+        turned_away: set[Target] = set()
+        while hops:
+            hop = hops.pop(0)
             where = target(hop)
             pacer = self.pacers[where.address]
             async with pacer.slot():
@@ -301,7 +331,14 @@ class Deliverer:
                         connection = await self._connection(where, tls)
                     except ConnectFailed as error:
                         pacer.congestion()
-                        failures.append(str(error))
+                        if pacer.active > 1 and where not in turned_away:
+                            # Turned away while other connections to it are open: the
+                            # host is at its session limit, not down.  Wait for a slot
+                            # of the smaller window, once, rather than defer the message.
+                            turned_away.add(where)
+                            hops.insert(0, hop)
+                        else:
+                            failures.append(str(error))
                         continue
                     await pacer.message_token()
                     if not self.membership.holds(epoch):
@@ -374,13 +411,15 @@ class Deliverer:
             room = max(pacer.limit - pacer.active, 0)
             fresh = [(t, c) for t, c in connections if now - t < IDLE_CONNECTION_SECONDS]
             keep = fresh[-room:] if room else []
-            for entry in connections:
-                if entry not in keep:
-                    await entry[1].close()
+            # Out of the pool before the first await: a delivery must not take a
+            # connection that is being closed (its message would be deferred).
             if keep:
                 self._idle[where] = keep
             else:  # one entry per host in use, not per host ever used (DSNs go anywhere)
                 del self._idle[where]
+            for entry in connections:
+                if entry not in keep:
+                    await entry[1].close()
 
     # ------------------------------------------------------------------ results
 
@@ -433,11 +472,14 @@ class Deliverer:
         delivered recipient given back to the queue would be sent twice.  They stay
         ``sending`` under this node's name meanwhile, which no other node takes over
         while this node's heartbeat lives."""
+        self._recording += len(results)
         try:
             await self.store.record(self.owner, results, notices)
         except Exception as error:
             log.warning("results_unrecorded", recipients=len(results), error=str(error))
             self._unrecorded.append((results, notices))
+        finally:
+            self._recording -= len(results)
 
     async def record_unrecorded(self) -> None:
         """Record the results kept while the database was out of reach, oldest first;

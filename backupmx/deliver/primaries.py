@@ -6,9 +6,17 @@ Promises:
   probe or delivery, and at that moment all its queued recipients become due —
   not at their next backoff time — and the deliverer is woken
   (docs/delivering.md#probes-and-the-primarys-state).
+* A domain moves ``up → down`` only when its primary is really unreachable:
+  `FAILURES_IN_A_ROW` deliveries or probes failed with no success between them
+  (`out_of_reach`).  A primary that limits its sessions turns away the one
+  beyond its limit (``421``) while the others deliver; that is the pacer's
+  business (`backupmx.deliver.pacer`), not an outage.  A domain not known up
+  (``unknown``, ``down``, or not written by this process yet) goes down on its
+  first failure.
 * Probes (TCP connect, EHLO, QUIT; no mail) run for every domain with queued
-  mail, against the best host of its route, every ``probe_interval``.  Each
-  domain's probe is a task of its own: a primary may take minutes to greet
+  mail that no delivery reached within `DELIVERED_LATELY`, against the best
+  host of its route, every ``probe_interval``.  Each domain's probe is a task
+  of its own: a primary may take minutes to greet
   (``greeting_timeout``, RFC 5321 §4.5.3.2.1), and one that does never holds up
   the other domains' probes; its domain is probed again once that probe ends.
 * A route without a host to try (`Defer`: the domain's MX lookup fails — NXDOMAIN
@@ -77,6 +85,16 @@ MAX_ROUTES = 10_000
 # knock on its host instead of waiting at once (the store hands out no more of a
 # domain marked down); that takes ten thousand other domains written while it waits.
 MAX_KNOWN_DOMAINS = 10_000
+# Failures in a row (deliveries and probes, no success between them) that show a
+# primary known up to be unreachable.  Not a setting: a primary that is really gone
+# fails every attempt, so three come within moments of each other, while one at its
+# session limit turns away a connection now and then between deliveries.
+FAILURES_IN_A_ROW = 3
+# Seconds after a delivery reached a domain's primary within which the domain is not
+# probed: its deliveries show that the primary answers, and a probe would only take
+# one more of its sessions (one past its limit: a 421).  Not a setting: it only
+# spares probes of a domain being delivered to.
+DELIVERED_LATELY = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,15 @@ class Primary:
     written: PrimaryState | None = None  # the state this process last wrote; None: none yet
     written_at: float = 0.0  # when (monotonic), for STATE_REFRESH
     up_since: datetime | None = None  # when this process saw it come up (the hold window)
-    failed: tuple[float, str] | None = None  # first failure since the last success: when, why
+    failed: tuple[float, str] | None = None  # when (monotonic) and why it went unreachable
+    delivered: float | None = None  # when (monotonic) a delivery last reached it
+    failures: int = 0  # deliveries and probes failed since the last success
+
+
+def out_of_reach(known: Primary) -> bool:
+    """Whether the failures in `known` (the last one counted) show its primary
+    unreachable: at once unless it is known up, else after FAILURES_IN_A_ROW."""
+    return known.written is not PrimaryState.UP or known.failures >= FAILURES_IN_A_ROW
 
 
 def describe(route: Route) -> str:
@@ -187,19 +213,28 @@ class Primaries:
         return since is None or utcnow() - since < timedelta(seconds=policy.hold_window)
 
     async def observed(
-        self, domain: str, up: bool, detail: str, route: Route | None = None
+        self, domain: str, up: bool, detail: str, route: Route | None = None, probe: bool = False
     ) -> None:
-        """A delivery or probe result: record it; on down → up, release the domain's mail."""
-        known = self._primary(domain)
-        failed = None if up else known.failed or (time.monotonic(), detail)
+        """A delivery's or probe's result: record it; on down → up, release the domain's
+        mail; a failure marks the domain down only when it shows the primary out of reach."""
+        now = time.monotonic()
+        if up:
+            known = replace(self._primary(domain), failures=0, failed=None)
+            if not probe:
+                known = replace(known, delivered=now)
+        else:
+            known = self._primary(domain)
+            known = replace(known, failures=known.failures + 1)
+            if not out_of_reach(known):
+                self._remember(domain, known)
+                return
+            known = replace(known, failed=known.failed or (now, detail))
         event = PrimaryEvent.ANSWERED if up else PrimaryEvent.UNREACHABLE
         state = next_primary_state(known.written or PrimaryState.UNKNOWN, event)
-        if known.written == state and time.monotonic() - known.written_at < STATE_REFRESH:
-            self._remember(domain, replace(known, failed=failed))
+        if known.written == state and now - known.written_at < STATE_REFRESH:
+            self._remember(domain, known)
             return
-        self._remember(
-            domain, replace(known, written=state, written_at=time.monotonic(), failed=failed)
-        )
+        self._remember(domain, replace(known, written=state, written_at=now))
         changed = await self.store.set_domain_state(
             domain,
             state,
@@ -229,7 +264,8 @@ class Primaries:
             self._remember(domain, replace(known, written=retried))
 
     def down_since(self, domain: str) -> tuple[float, str] | None:
-        """When (monotonic) and why this process last saw the domain fail, if it is down."""
+        """When (monotonic) and why this process saw the domain's primary become
+        unreachable, if it has not answered since."""
         return self._primary(domain).failed
 
     def _primary(self, domain: str) -> Primary:
@@ -259,7 +295,11 @@ class Primaries:
         except Exception as error:  # the database restarts: the next round asks again
             log.warning("probes_skipped", error=str(error))
             return
+        now = time.monotonic()
         for domain in pending:
+            delivered = self._primary(domain).delivered
+            if delivered is not None and now - delivered < DELIVERED_LATELY:
+                continue
             if domain not in self._probing:
                 self._probing[domain] = loop.create_task(
                     self._probe_in_flight(domain), name=f"probe {domain}"
@@ -305,7 +345,9 @@ class Primaries:
             tries.append((target(hop), result, seconds))
             if result.startswith("ok"):
                 await self.store.set_domain_state(domain, probe_result=f"{target(hop)} {result}")
-                await self.observed(domain, True, f"probe of {target(hop)}: {result}", route)
+                await self.observed(
+                    domain, True, f"probe of {target(hop)}: {result}", route, probe=True
+                )
                 return route, tries
         detail = "; ".join(f"{t}: {r}" for t, r, _ in tries)
         await self.store.set_domain_state(domain, probe_result=detail)

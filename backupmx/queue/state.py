@@ -120,8 +120,11 @@ def target(event: Event) -> str:
 #   Coming up from down or unknown makes the domain's queued mail due at once.
 # * UNREACHABLE: no host of the route answered, or no route can be planned now
 #   (a DNS failure, a backed-up domain's NXDOMAIN included; no MX better than
-#   this host) → down.  Mail of a down domain is not claimed, nor touched
-#   (`claim`): the probes decide when to try again.
+#   this host) → down.  For a domain that is up, the deliverer applies it only
+#   after several failures in a row (`backupmx.deliver.primaries.out_of_reach`):
+#   one connection turned away by a primary at its session limit is no outage.
+#   Mail of a down domain is not claimed, nor touched (`claim`): the probes
+#   decide when to try again.
 # * NO_PRIMARY: the route says the mail can never be delivered (a null MX, or no
 #   such domain when it is not backed up here) → unknown, and the domain's mail
 #   is due at once (to bounce).

@@ -4,6 +4,7 @@ and how many records and routes it keeps while the destinations grow with the ma
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -100,8 +101,28 @@ async def test_a_primary_seen_down_forgets_when_it_came_up() -> None:
     known = primaries(store, on_5xx="hold", hold_window=0)
     await known.observed("example.test", True, "probe answered")
     assert not known.in_hold_window("example.test")  # up for longer than the window
-    await known.observed("example.test", False, "refused")
+    for _ in range(primaries_module.FAILURES_IN_A_ROW):
+        await known.observed("example.test", False, "refused")
+    assert store.states["example.test"] is PrimaryState.DOWN
     assert known.in_hold_window("example.test")  # since when is unknown: stay careful
+
+
+async def test_a_primary_known_up_goes_down_only_when_every_attempt_fails() -> None:
+    """A primary at its session limit turns one connection away (421) while the others
+    deliver: the domain stays up, and no message waiting for its turn is deferred."""
+    store = FakeStore()
+    known = primaries(store)
+    await known.observed("example.test", True, "delivery via mx")
+    for _ in range(10):
+        for _ in range(primaries_module.FAILURES_IN_A_ROW - 1):
+            await known.observed("example.test", False, "421 4.7.0 Too busy")
+        await known.observed("example.test", True, "delivery via mx")
+    assert store.writes == [("example.test", PrimaryState.UP)]
+    assert known.down_since("example.test") is None
+    for _ in range(primaries_module.FAILURES_IN_A_ROW):
+        await known.observed("example.test", False, "refused")
+    assert store.states["example.test"] is PrimaryState.DOWN
+    assert known.down_since("example.test") is not None
 
 
 # --------------------------------------------------------------------------- bounds
@@ -146,3 +167,27 @@ async def test_routes_past_the_bound_are_forgotten(monkeypatch: pytest.MonkeyPat
     for domain in ("a.test", "b.test", "c.test", "c.test", "a.test"):
         await known.route(domain)
     assert planned == ["a.test", "b.test", "c.test", "a.test"]  # c reused, a asked again
+
+
+async def test_a_domain_delivered_to_lately_is_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its deliveries show the primary answers; a probe would take one more of its
+    sessions, one past its limit for a primary that limits them."""
+    store = FakeStore()
+    store.pending_domains = lambda: _async(["busy.test", "idle.test"])  # type: ignore[attr-defined]
+    known = primaries(store)
+    probed: list[str] = []
+
+    async def probe(domain: str) -> None:
+        probed.append(domain)
+
+    monkeypatch.setattr(known, "probe", probe)
+    await known.observed("busy.test", True, "delivery via mx")
+    await known.observed("idle.test", True, "probe of mx: ok", probe=True)
+    await known.probe_all()
+    await asyncio.sleep(0)  # the probes are tasks of their own
+    await known.close()
+    assert probed == ["idle.test"]
+
+
+async def _async(value: Any) -> Any:
+    return value
