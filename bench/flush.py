@@ -10,8 +10,11 @@ What is measured
        msg/s = N / (queue empty - primary started).
        backupmx: static route to the sink, pacing raised
        (``initial_connections_per_host = max_connections_per_host = 20``,
-       ``max_messages_per_second_per_host = 0``), ``probe_interval = "1s"``:
-       it notices the primary on its own.  Postfix (``postfix_backup.py``,
+       ``max_messages_per_second_per_host = 0``), ``probe_interval = "1s"``,
+       and ``ETRN example.test`` (RFC 1985, as a primary back up sends it)
+       right after the sink starts: what ``postqueue -f`` is to Postfix.  With
+       ``--probe`` no ETRN: it notices the primary on its own, within the
+       probe interval (up to a second more).  Postfix (``postfix_backup.py``,
        relaying to ``[127.0.0.1]:<sink port>``): ``postqueue -f`` right after
        the sink starts, and ``initial_destination_concurrency = 20`` so that
        both start at the same concurrency (the limit is 20 for both).
@@ -35,6 +38,7 @@ Run (as root, Postfix needs it) from the repository root::
     .venv/bin/python bench/flush.py            # 10,000 messages, 1M-recipient claims
     .venv/bin/python bench/flush.py --quick    # 1,000 messages, 100k-recipient claims
     .venv/bin/python bench/flush.py --only backupmx --messages 5000
+    .venv/bin/python bench/flush.py --only backupmx --probe   # no ETRN: the probe finds it
 
 Every phase is bounded by ``--timeout`` seconds; servers, sinks and temporary
 directories are removed on exit, also on error or Ctrl-C.  Only loopback
@@ -48,6 +52,7 @@ import asyncio
 import json
 import os
 import shutil
+import smtplib
 import sqlite3
 import statistics
 import subprocess
@@ -91,10 +96,14 @@ BACKUPMX_CONF: Final = """\
 hostname = "mx2.bench.test"
 listen = ["127.0.0.1:{port}"]
 database = "sqlite:///{db}"
+etrn_clients = ["127.0.0.1"]
 
 [limits]
 max_connections = 200
 max_connections_per_ip = 200
+
+[metrics]
+listen = ""  # off: its default port 9325 is fixed, and runs may overlap
 
 [delivery]
 probe_interval = "1s"
@@ -120,10 +129,11 @@ PENDING_SQL: Final = (
 class BackupMXFlush(BackupMXServer):
     """backupmx routing example.test to the sink's port, pacing raised."""
 
-    def __init__(self, workdir: Path, port: int, sink_port: int, python: str, timeout: float):
-        super().__init__(workdir, port, python=python, timeout=timeout)
+    def __init__(self, workdir: Path, port: int, sink_port: int, opts: argparse.Namespace) -> None:
+        super().__init__(workdir, port, python=opts.python, timeout=opts.timeout)
         self.sink_port = sink_port
         self.db = workdir / "queue.db"
+        self.etrn = not opts.probe
 
     def write_config(self) -> None:
         self.conf.write_text(
@@ -159,7 +169,15 @@ class BackupMXFlush(BackupMXServer):
         return stats
 
     def flush(self) -> None:
-        """Nothing to do: the next probe (within a second) finds the primary back."""
+        """ETRN for the domain; with --probe nothing: the next probe (within a second)
+        finds the primary back."""
+        if not self.etrn:
+            return
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=self.timeout) as smtp:
+            smtp.ehlo("primary.bench.test")
+            code, text = smtp.docmd("ETRN", "example.test")
+            if code != 250:
+                raise ServerError(f"ETRN: {code} {text.decode(errors='replace')}")
 
 
 class PostfixFlush(PostfixBackupMX):
@@ -228,7 +246,7 @@ def flush_run(name: str, messages: int, opts: argparse.Namespace) -> Flush:
     port, sink_port = free_port(), free_port()
     server: BackupMXFlush | PostfixFlush
     if name == "backupmx":
-        server = BackupMXFlush(workdir, port, sink_port, opts.python, opts.timeout)
+        server = BackupMXFlush(workdir, port, sink_port, opts)
     else:
         server = PostfixFlush(workdir, port, primary=f"[127.0.0.1]:{sink_port}")
     sink = SmtpSink("127.0.0.1", sink_port, name=SINK_HOSTNAME)
@@ -359,7 +377,7 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def report(flushes: Sequence[Flush], claims: Sequence[ClaimCost]) -> str:
+def report(flushes: Sequence[Flush], claims: Sequence[ClaimCost], opts: argparse.Namespace) -> str:
     lines = []
     if flushes:
         lines += [
@@ -376,7 +394,11 @@ def report(flushes: Sequence[Flush], claims: Sequence[ClaimCost]) -> str:
         rates = {f.server: f.rate for f in flushes}
         if rates.get("postfix") and "backupmx" in rates:
             lines.append(f"ratio backupmx/postfix: {rates['backupmx'] / rates['postfix']:.2f}")
-        lines.append("recovery: backupmx by its own probe (1 s); postfix after `postqueue -f`")
+        lines.append(
+            "recovery: backupmx by its own probe (1 s); postfix after `postqueue -f`"
+            if opts.probe
+            else "recovery: backupmx after `ETRN example.test`; postfix after `postqueue -f`"
+        )
     if claims:
         lines.append(f"Store.claim of {CLAIM_BATCH} recipients (SQLite, {CLAIM_REPEATS} claims)")
         for c in claims:
@@ -393,6 +415,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, help="held messages (default 10,000)")
     parser.add_argument(
         "--only", choices=("backupmx", "postfix", "claim"), action="append", help="repeatable"
+    )
+    parser.add_argument(
+        "--probe", action="store_true", help="no ETRN: backupmx's probe finds the primary"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="limit per phase, seconds")
     parser.add_argument("--python", default=sys.executable, help="interpreter for backupmx")
@@ -424,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ServerError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    print(report(flushes, claims))
+    print(report(flushes, claims, opts))
     return 0
 
 

@@ -19,6 +19,10 @@ Promises:
   either: the claim skips the domain (see `Claims.claim`).  `make_due` brings
   mail deferred by backoff forward (a primary that came back, an operator's
   flush, an ETRN), in one statement.
+* `claim` and `outbound` (the bodies of what was claimed) run in the deliveries'
+  writer thread, in turn with the results (`backupmx.queue.writer.DeliveryWrites`):
+  on SQLite a claim never sleeps on the lock of a result batch, nor a batch on a
+  claim's.
 
 Every state change here is a transition of `backupmx.queue.state`.
 """
@@ -30,9 +34,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, union_all, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
-from backupmx.queue.database import QueueDatabase
 from backupmx.queue.domains import a_recipient_of_the_row
 from backupmx.queue.models import bodies, domains, messages, primary_views, recipients
 from backupmx.queue.records import Claim, Outbound, utcnow
@@ -46,6 +49,7 @@ from backupmx.queue.state import (
     sources,
     target,
 )
+from backupmx.queue.writer import DeliveryWrites
 
 OUTBOUND_COLUMNS = [
     messages.c.id, messages.c.sender, bodies.c.body, messages.c.size, messages.c.body_type,
@@ -63,7 +67,7 @@ def outbound_record(row: Any) -> Outbound:
     )  # fmt: skip
 
 
-class Claims(QueueDatabase):
+class Claims(DeliveryWrites):
     async def claim(self, owner: str, limit: int, now: datetime | None = None) -> list[Claim]:
         """Lease up to `limit` due recipients, oldest due first.
 
@@ -82,7 +86,10 @@ class Claims(QueueDatabase):
         ``domain IN (…) ORDER BY next_attempt_at`` would sort every due row of every
         open domain on each claim, a million during a flush.
         """
-        now = now or utcnow()
+        at = now or utcnow()
+        return await self._in_turn(lambda conn: self._claim_now(conn, owner, limit, at))
+
+    def _claim_now(self, conn: Connection, owner: str, limit: int, now: datetime) -> list[Claim]:
         due_here = a_recipient_of_the_row(sources(Event.CLAIM), recipients.c.next_attempt_at <= now)
         unreachable_here = (
             select(primary_views.c.node)
@@ -96,64 +103,65 @@ class Claims(QueueDatabase):
         open_and_due = select(domains.c.name).where(
             domains.c.state != PrimaryState.DOWN, ~unreachable_here, due_here.is_not(None)
         )
-        async with self.engine.begin() as conn:
-            names = list((await conn.execute(open_and_due)).scalars())
-            if not names:
-                return []
-            candidates = await _due(conn, names, limit, now)
-            if not candidates:
-                return []
-            due = (
-                select(recipients.c.id)
-                .where(
-                    recipients.c.id.in_(candidates),
-                    recipients.c.state.in_(sources(Event.CLAIM)),
-                )
-                .order_by(recipients.c.next_attempt_at)
-                .limit(limit)
+        names = list(conn.execute(open_and_due).scalars())
+        if not names:
+            return []
+        # Nodes claiming at the same moment pick from the same oldest rows: each skips
+        # what another has locked, so each needs candidates beyond its own limit.
+        shared = self.dialect == "postgresql"
+        candidates = _due(conn, names, limit * (CONCURRENT_CLAIMS if shared else 1), now)
+        if not candidates:
+            return []
+        due = (
+            select(recipients.c.id)
+            .where(
+                recipients.c.id.in_(candidates),
+                recipients.c.state.in_(sources(Event.CLAIM)),
             )
-            values = {
-                "state": target(Event.CLAIM),
-                "lease_owner": owner,
-                "attempts": recipients.c.attempts + 1,
-                "updated_at": now,
-            }
-            returning = (
-                recipients.c.id,
-                recipients.c.message_id,
-                recipients.c.address,
-                recipients.c.domain,
-                recipients.c.attempts,
-                recipients.c.dsn_notify,
-                recipients.c.dsn_orcpt,
+            .order_by(recipients.c.next_attempt_at)
+            .limit(limit)
+        )
+        values = {
+            "state": target(Event.CLAIM),
+            "lease_owner": owner,
+            "attempts": recipients.c.attempts + 1,
+            "updated_at": now,
+        }
+        returning = (
+            recipients.c.id,
+            recipients.c.message_id,
+            recipients.c.address,
+            recipients.c.domain,
+            recipients.c.attempts,
+            recipients.c.dsn_notify,
+            recipients.c.dsn_orcpt,
+        )
+        if self.dialect == "postgresql":
+            # Another node may be claiming the same candidates: SKIP LOCKED leaves
+            # it those, in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n FOR
+            # UPDATE SKIP LOCKED)`` can claim more than n rows).
+            chosen = due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+            statement = (
+                update(recipients)
+                .where(recipients.c.id == chosen.c.id)
+                .values(values)
+                .returning(*returning)
             )
-            if self.dialect == "postgresql":
-                # Another node may be claiming the same candidates: SKIP LOCKED leaves
-                # it those, in a MATERIALIZED CTE (a plain ``IN (SELECT … LIMIT n FOR
-                # UPDATE SKIP LOCKED)`` can claim more than n rows).
-                chosen = (
-                    due.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
-                )
-                statement = (
-                    update(recipients)
-                    .where(recipients.c.id == chosen.c.id)
-                    .values(values)
-                    .returning(*returning)
-                )
-            else:
-                statement = (
-                    update(recipients)
-                    .where(recipients.c.id.in_(due))
-                    .values(values)
-                    .returning(*returning)
-                )
-            rows = (await conn.execute(statement)).all()
+        else:
+            statement = (
+                update(recipients)
+                .where(recipients.c.id.in_(due))
+                .values(values)
+                .returning(*returning)
+            )
+        rows = conn.execute(statement).all()
         return sorted((Claim(*row) for row in rows), key=lambda c: c.recipient_id)
 
     async def outbound(self, ids: Iterable[str]) -> dict[str, Outbound]:
         query = select(*OUTBOUND_COLUMNS).select_from(WITH_BODY).where(messages.c.id.in_(list(ids)))
-        async with self.engine.connect() as conn:
-            return {row.id: outbound_record(row) for row in await conn.execute(query)}
+        return await self._in_turn(
+            lambda conn: {row.id: outbound_record(row) for row in conn.execute(query)}
+        )
 
     async def make_due(
         self,
@@ -206,9 +214,12 @@ class Claims(QueueDatabase):
 
 # SQLite's limit on the arms of one compound SELECT is 500.
 _ARMS = 200
+# Claims of several nodes at the same moment that each still find unlocked rows on
+# PostgreSQL: a claim picks from this many times its limit of the oldest due rows.
+CONCURRENT_CLAIMS = 4
 
 
-async def _due(conn: AsyncConnection, names: Sequence[str], limit: int, now: datetime) -> list[int]:
+def _due(conn: Connection, names: Sequence[str], limit: int, now: datetime) -> list[int]:
     """The ids of the `limit` recipients due longest among the domains `names`."""
     found: list[tuple[datetime, int]] = []
     for start in range(0, len(names), _ARMS):
@@ -225,5 +236,5 @@ async def _due(conn: AsyncConnection, names: Sequence[str], limit: int, now: dat
             for name in names[start : start + _ARMS]
         ]
         query = union_all(*(select(arm.c.id, arm.c.next_attempt_at) for arm in arms))
-        found.extend((due, id_) for id_, due in await conn.execute(query))
+        found.extend((due, id_) for id_, due in conn.execute(query))
     return [id_ for _, id_ in sorted(found)[:limit]]

@@ -20,34 +20,33 @@ Promises:
 
 Theory of operation.  Results of concurrent deliveries share a transaction
 (group commit, `backupmx.queue.writer`, as received mail does in the intake
-process), written by one thread through a plain (not asyncio) engine, so a
-flush of thousands of messages pays one fsync per batch, not per message.  A
-failed batch fails every `record` call in it; nothing is retried here.
+process), written in the deliveries' writer thread through a plain (not
+asyncio) engine, in turn with the claims (`DeliveryWrites`), so a flush of
+thousands of messages pays one fsync per batch, not per message, and no
+batch waits on a claim's lock.  A failed batch fails every `record` call in
+it; nothing is retried here.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import structlog
 from sqlalchemy import bindparam, false, or_, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backupmx.queue import attempts
 from backupmx.queue.claims import OUTBOUND_COLUMNS, outbound_record
-from backupmx.queue.database import QueueDatabase, open_writer_engine
 from backupmx.queue.inserter import Inserter
 from backupmx.queue.models import bodies, messages, recipients
 from backupmx.queue.records import NewMessage, Overdue, Result, utcnow
 from backupmx.queue.retention import finish
 from backupmx.queue.state import FINAL, Event, State, sources, target
-from backupmx.queue.writer import GroupCommitWriter
+from backupmx.queue.writer import DeliveryWrites, GroupCommitWriter
 
 log = structlog.get_logger("backupmx.queue")
 
@@ -156,26 +155,19 @@ def _result_params(report: _Report, now: datetime) -> dict[Event, list[dict[str,
     return by_event
 
 
-class Results(QueueDatabase):
+class Results(DeliveryWrites):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._recorder: GroupCommitWriter[_Report] = GroupCommitWriter(self._record_batch)
-        self._writer_engine: Engine | None = None
-        self._inserter: Inserter | None = None
-        self._writer_thread: ThreadPoolExecutor | None = None
+        self._inserter: Inserter | None = None  # for the writer's dialect, once known
 
     def _start_recorder(self) -> None:
-        self._writer_engine = open_writer_engine(self.url)
-        self._inserter = Inserter(self._writer_engine.dialect)
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+        self._start_writes()
         self._recorder.start()
 
     async def _stop_recorder(self) -> None:
         await self._recorder.stop()
-        if self._writer_thread is not None:
-            self._writer_thread.shutdown(wait=True)
-        if self._writer_engine is not None:
-            self._writer_engine.dispose()
+        self._stop_writes()
 
     async def record(
         self, owner: str, results: Sequence[Result], notices: Sequence[NewMessage] = ()
@@ -187,36 +179,33 @@ class Results(QueueDatabase):
         return report.changed
 
     async def _record_batch(self, batch: Sequence[_Report]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_thread, self._record_now, batch)
+        await self._in_turn(lambda conn: self._record_now(conn, batch))
 
-    def _record_now(self, batch: Sequence[_Report]) -> None:
+    def _record_now(self, conn: Connection, batch: Sequence[_Report]) -> None:
         """In the writer thread: every report of the batch in one transaction."""
-        assert self._writer_engine is not None
         now = utcnow()
-        with self._writer_engine.begin() as conn:
-            _fence(conn, batch)
-            notices = [n for report in batch if report.held for n in report.notices]
-            if notices:
-                assert self._inserter is not None
-                self._inserter.insert(conn, notices, now)
-            for report in batch:
-                report.changed = 0
-                for event, params in _result_params(report, now).items():
-                    outcome = conn.execute(_RESULT_STATEMENTS[event], params)
-                    report.changed += outcome.rowcount
-            attempts.write(conn, [r for report in batch for r in report.results], now)
-            final = [
-                result.recipient_id
-                for report in batch
-                for result in report.results
-                if target(result.event) in FINAL and report.held
-            ]
-            for start in range(0, len(final), _FINISH_CHUNK):
-                chunk = final[start : start + _FINISH_CHUNK]
-                of_chunk = select(recipients.c.message_id).where(recipients.c.id.in_(chunk))
-                for statement in finish(of_chunk, now):
-                    conn.execute(statement)
+        _fence(conn, batch)
+        notices = [n for report in batch if report.held for n in report.notices]
+        if notices:
+            self._inserter = self._inserter or Inserter(conn.dialect)
+            self._inserter.insert(conn, notices, now)
+        for report in batch:
+            report.changed = 0
+            for event, params in _result_params(report, now).items():
+                outcome = conn.execute(_RESULT_STATEMENTS[event], params)
+                report.changed += outcome.rowcount
+        attempts.write(conn, [r for report in batch for r in report.results], now)
+        final = [
+            result.recipient_id
+            for report in batch
+            for result in report.results
+            if target(result.event) in FINAL and report.held
+        ]
+        for start in range(0, len(final), _FINISH_CHUNK):
+            chunk = final[start : start + _FINISH_CHUNK]
+            of_chunk = select(recipients.c.message_id).where(recipients.c.id.in_(chunk))
+            for statement in finish(of_chunk, now):
+                conn.execute(statement)
 
     async def sweep(
         self,

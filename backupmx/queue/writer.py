@@ -1,11 +1,28 @@
-"""Group commit: one writer task turns many callers' items into one transaction.
+"""The deliverer's writes: one thread takes turns at the queue, and group commit.
 
-Each caller hands its item (the delivery results of one connection) to
-`GroupCommitWriter.submit` and waits; the writer takes everything that is
-waiting (up to `MAX_BATCH` items and `MAX_BATCH_BYTES`), writes it in one
-transaction — one fsync for the batch — and only then resolves every caller's
-wait.  Received mail is committed the same way, by the intake process
-(`backupmx.queue.intake`).
+`DeliveryWrites` runs the transactions of this process's deliveries — claims,
+the bodies they need, and batches of results — one after the other, in one
+thread on one plain (not asyncio) connection.  SQLite has one writer at a time,
+and every transaction takes the write lock first (``BEGIN IMMEDIATE``,
+`backupmx.queue.database`); one that finds the file locked sleeps in SQLite's
+busy handler, 1, 2, 5, 10 … ms at a time.  Claims and result batches on
+separate connections measured seconds of such sleeps per 10,000-message flush,
+with the connections to the primary idle meanwhile; taken in turn, none ever
+waits on another's lock (other processes — intake, CLI — still can, briefly).
+Without the thread (the CLI, a store that was never started) the same work
+runs on the asyncio engine.
+
+Group commit: `GroupCommitWriter` turns many callers' items into one
+transaction.  Each caller hands its item (the delivery results of one
+message) to `GroupCommitWriter.submit` and waits; the writer takes everything
+that is waiting (up to `MAX_BATCH` items and `MAX_BATCH_BYTES`), writes it in
+one transaction — one fsync for the batch — and only then resolves every
+caller's wait.  When few items wait, it lingers `LINGER_SECONDS` for more
+first: results come one message at a time, and batches of one or two cost a
+transaction each (six statements and an fsync): 2.2 s of the writer's CPU per
+10,000-message flush, 1.4 s with the linger.  Nobody waits for a result to be written but the
+message's own task, which holds no connection by then.  Received mail is
+committed the same way, by the intake process (`backupmx.queue.intake`).
 
 On failure every item of the batch gets the exception; nothing is retried
 here.
@@ -16,9 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
 import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from backupmx.queue.database import QueueDatabase, open_writer_engine
 
 log = structlog.get_logger("backupmx.queue")
 
@@ -29,6 +50,47 @@ log = structlog.get_logger("backupmx.queue")
 # read in whole) and how long the last caller of a huge batch waits.
 MAX_BATCH = 256  # items per transaction
 MAX_BATCH_BYTES = 32 * 1024 * 1024  # body bytes per transaction
+# How long the results writer waits for more when fewer than `GATHERED` items are
+# waiting: a few milliseconds of a result's way to the disk, for batches of ten or more
+# in a flush (a message takes about that long to send).
+LINGER_SECONDS = 0.005
+GATHERED = 16
+
+R = TypeVar("R")
+
+
+class DeliveryWrites(QueueDatabase):
+    """The thread and the plain connection the deliveries' transactions take turns on."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._writer_engine: Engine | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
+
+    def _start_writes(self) -> None:
+        self._writer_engine = open_writer_engine(self.url)
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+
+    def _stop_writes(self) -> None:
+        thread, self._writer_thread = self._writer_thread, None
+        engine, self._writer_engine = self._writer_engine, None
+        if thread is not None:
+            thread.shutdown(wait=True)
+        if engine is not None:
+            engine.dispose()
+
+    async def _in_turn(self, work: Callable[[Connection], R]) -> R:
+        """`work` in one transaction of its own, in its turn; its result."""
+        thread, engine = self._writer_thread, self._writer_engine
+        if thread is None or engine is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(work)
+
+        def transaction() -> R:
+            with engine.begin() as conn:
+                return work(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(thread, transaction)
 
 
 class Sized(Protocol):
@@ -66,6 +128,8 @@ class GroupCommitWriter(Generic[T]):
     async def _run(self) -> None:
         while True:
             batch = [await self._waiting.get()]
+            if self._waiting.qsize() < GATHERED:
+                await asyncio.sleep(LINGER_SECONDS)
             size = batch[0][0].size
             while not self._waiting.empty() and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
                 batch.append(self._waiting.get_nowait())

@@ -22,7 +22,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from backupmx.queue.database import migrations_directory, upgrade
 from backupmx.queue.domains import QUIET_AFTER
@@ -190,14 +190,16 @@ async def fill(store: Store) -> None:
 
 
 def captured(store: Store) -> tuple[list[tuple[str, Any]], Callable[[], None]]:
+    """The store's statements from now on, on every engine it has: the asyncio engine's
+    and the deliveries' writer thread's (claims and results, once the store is started)."""
     statements: list[tuple[str, Any]] = []
 
     def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "WITH")):
             statements.append((statement, parameters))
 
-    event.listen(store.engine.sync_engine, "before_cursor_execute", keep)
-    return statements, lambda: event.remove(store.engine.sync_engine, "before_cursor_execute", keep)
+    event.listen(Engine, "before_cursor_execute", keep)
+    return statements, lambda: event.remove(Engine, "before_cursor_execute", keep)
 
 
 async def idle_statements(store: Store) -> list[tuple[str, Any]]:
