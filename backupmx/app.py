@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -328,12 +328,12 @@ async def serve(config: configuration.Config, reload: Callable[[], configuration
         assert store.intake is not None
         receivers = Receivers(config, anvil, Verifier(store, callout), etrn, store.intake.address)
 
-        def reloaded(new: configuration.Config) -> None:
+        async def reloaded(new: configuration.Config) -> None:
             policy = policy_from(new)  # a certificate that does not load refuses the reload
             app.config = new
             channel.config = new
-            receivers.reload(new)
             metrics.follow(policy.relay_domains)
+            await receivers.reload(new)
 
         # From here on a signal reloads or stops, also while the receivers start.
         signals = Signals(reloaded, reload)
@@ -446,30 +446,39 @@ async def _deliver_once_counted(membership: Membership, deliverer: Deliverer) ->
 
 class Signals:
     """SIGHUP reloads the configuration (a file with errors is refused and the running one
-    kept); SIGTERM and SIGINT stop.  Installed before the receivers start, so that a
-    signal during start-up is never the default action (death)."""
+    kept; reloads run one at a time, and ``reloaded`` is logged once every receiver
+    worker has the new one); SIGTERM and SIGINT stop.  Installed before the receivers
+    start, so that a signal during start-up is never the default action (death)."""
 
     def __init__(
         self,
-        apply: Callable[[configuration.Config], None],
+        apply: Callable[[configuration.Config], Awaitable[None]],
         reload: Callable[[], configuration.Config],
     ) -> None:
         self._apply = apply
         self._reload = reload
         self._stop = asyncio.Event()
+        self._reloading = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._reloaded)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
 
-    def _reloaded(self) -> None:
-        try:
-            new = self._reload()
-            self._apply(new)
-        except (configuration.ConfigError, OSError, ValueError) as error:
-            log.error("reload_refused", error=str(error))
-            return
-        log.info("reloaded", domains=[d.name for d in new.domain])
+    def _hangup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reloaded())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reloaded(self) -> None:
+        async with self._reloading:
+            try:
+                new = self._reload()
+                await self._apply(new)
+            except (configuration.ConfigError, OSError, ValueError) as error:
+                log.error("reload_refused", error=str(error))
+                return
+            log.info("reloaded", domains=[d.name for d in new.domain])
 
     async def stopped(self) -> None:
         await self._stop.wait()

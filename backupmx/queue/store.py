@@ -67,6 +67,7 @@ class Store(
         self._start_recorder()
         self.intake = Intake(self.url)
         await self.intake.start()
+        self._intake_client = IntakeClient(self.intake.address)  # serve's own enqueue
 
     async def receive_through(self, intake_address: str) -> None:
         """Commit received mail through serve's intake (a receiver worker); raises

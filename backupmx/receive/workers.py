@@ -19,7 +19,8 @@ stopping is logged (``receiver_exited``), its seats are given back, and a new
 one starts, at most one per `RESTART_INTERVAL`; the sessions it had are cut, and
 none of them had been answered ``250`` for a message not committed (the
 intake commits before the reply).  SIGHUP: serve reads the file and
-sends the configuration it accepted to every worker.  Drain (SIGTERM): serve
+sends the configuration it accepted to every worker, and logs ``reloaded`` once
+each has applied it.  Drain (SIGTERM): serve
 closes its copies of the sockets and signals every worker, which drains its
 sessions (``drain_timeout``) and exits; a worker still there
 `DRAIN_GRACE` seconds later is killed.  The scrape asks each worker for its
@@ -53,6 +54,7 @@ log = structlog.get_logger("backupmx.receive")
 RESTART_INTERVAL = 1.0  # seconds between starts of a worker, when one keeps failing
 START_TIMEOUT = 60.0  # seconds a worker may take to serve
 COUNTS_TIMEOUT = 1.0  # seconds a scrape waits for a worker's counts
+RELOAD_TIMEOUT = 10.0  # seconds a worker may take to apply a new configuration
 DRAIN_GRACE = 10.0  # seconds past drain_timeout before a worker that has not exited is killed
 
 
@@ -164,10 +166,18 @@ class Receivers:
         """Bound, not draining, and at least one worker serving."""
         return not self.draining and bool(self._workers)
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
+        """Send `config` to every worker; return once each has applied it (or failed to
+        answer within `RELOAD_TIMEOUT`), so that "reloaded" is true when it is logged."""
         self.config = config
-        for worker in self._workers.values():
-            worker.link.tell("reload", config)
+
+        async def send(worker: _Worker) -> None:
+            try:
+                await asyncio.wait_for(worker.link.ask("reload", config), RELOAD_TIMEOUT)
+            except (LinkError, TimeoutError) as error:
+                log.error("receiver_reload_failed", receiver=worker.number, error=str(error))
+
+        await asyncio.gather(*(send(w) for w in list(self._workers.values())))
 
     async def gather(self) -> None:
         """Ask every worker for its receiving counts (before a scrape)."""
