@@ -84,6 +84,7 @@ class Worker:
         self.listener: Listener | None = None
         self.store: Store | None = None
         self.serve: Serve | None = None
+        self.config: Config | None = None  # the latest serve sent, a reload during start too
 
     def handle(self, verb: str, *args: Any) -> Any:
         if verb == "start":
@@ -97,6 +98,7 @@ class Worker:
     async def start(self, config: Config, intake_address: str) -> None:
         serve = self.serve
         assert serve is not None
+        self.config = config
         self.store = Store.open(config.database)
         await self.store.receive_through(intake_address)
         resolver = Resolver(
@@ -104,11 +106,14 @@ class Worker:
             config.dns.timeout,
         )
         checks = ClientChecks(self.store, serve, serve, resolver.addresses)
-        self.listener = Listener(policy_from(config), self.store, serve, checks, serve.etrn)
-        await self.listener.start(self.sockets)
+        self.listener = Listener(policy_from(self.config), self.store, serve, checks, serve.etrn)
         metrics.follow(self.listener.policy.relay_domains)
+        await self.listener.start(self.sockets)
 
     def reload(self, config: Config) -> None:
+        """A new configuration; one that comes while the worker starts is the one it
+        starts with."""
+        self.config = config
         if self.listener is not None:
             self.listener.reload(policy_from(config))
             metrics.follow(self.listener.policy.relay_domains)
