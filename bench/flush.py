@@ -180,16 +180,8 @@ class BackupMXFlush(BackupMXServer):
                 raise ServerError(f"ETRN: {code} {text.decode(errors='replace')}")
 
 
-class PostfixFlush(PostfixBackupMX):
-    """The private Postfix relaying to the sink, starting at the same concurrency."""
-
-    def write_config(self) -> None:
-        super().write_config()
-        with (self.config_dir / "main.cf").open("a") as main_cf:
-            main_cf.write(
-                f"initial_destination_concurrency = {CONNECTIONS}\n"
-                f"default_destination_concurrency_limit = {CONNECTIONS}\n"
-            )
+class PostfixHolding(PostfixBackupMX):
+    """The private Postfix as a server that holds mail until `flush` (postqueue -f)."""
 
     def pending(self) -> int:
         return self.held_count()
@@ -205,6 +197,18 @@ class PostfixFlush(PostfixBackupMX):
             timeout=self.timeout,
             check=True,
         )
+
+
+class PostfixFlush(PostfixHolding):
+    """The private Postfix relaying to the sink, starting at the same concurrency."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        with (self.config_dir / "main.cf").open("a") as main_cf:
+            main_cf.write(
+                f"initial_destination_concurrency = {CONNECTIONS}\n"
+                f"default_destination_concurrency_limit = {CONNECTIONS}\n"
+            )
 
 
 def _files(root: Path) -> int:

@@ -50,7 +50,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,8 +59,8 @@ from pathlib import Path
 from typing import Final
 
 from accept import KIB, REPO_ROOT, BackupMXServer, free_port, run_smtp_source, sigterm_as_exit
-from flush import PENDING_SQL
-from postfix_backup import POSTQUEUE, PostfixBackupMX, ServerError
+from flush import PENDING_SQL, PostfixHolding
+from postfix_backup import ServerError
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.support.limited_primary import LimitedPrimary  # shared with the pacing tests
@@ -144,23 +143,8 @@ class BackupMXGentle(BackupMXServer):
         """Nothing to do: the next probe (within a second) finds the primary back."""
 
 
-class PostfixGentle(PostfixBackupMX):
+class PostfixGentle(PostfixHolding):
     """The private Postfix, defaults otherwise, relaying to the limited primary."""
-
-    def pending(self) -> int:
-        return self.held_count()
-
-    def held(self) -> bool:
-        """Every message tried once and deferred."""
-        return _files(self.queue_dir / "deferred") == self.held_count()
-
-    def flush(self) -> None:
-        subprocess.run(
-            [POSTQUEUE, "-c", str(self.config_dir), "-f"],
-            capture_output=True,
-            timeout=self.timeout,
-            check=True,
-        )
 
     def log_size(self) -> int:
         return self.maillog.stat().st_size if self.maillog.exists() else 0
@@ -171,10 +155,6 @@ class PostfixGentle(PostfixBackupMX):
         with self.maillog.open("rb") as log:
             log.seek(since)
             return log.read().count(b"delivery temporarily suspended")
-
-
-def _files(root: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(root))
 
 
 # --------------------------------------------------------------------------- a drain

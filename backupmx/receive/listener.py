@@ -69,7 +69,6 @@ class Listener:
         self.draining = False
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.Server] = []
-        self._sockets: list[socket.socket] = []
         self._all_closed = asyncio.Event()
         self._services = Services(
             policy=lambda: self.policy,
@@ -84,7 +83,6 @@ class Listener:
     async def start(self, sockets: list[socket.socket]) -> None:
         """Serve the listening sockets bound by the serve process."""
         loop = asyncio.get_running_loop()
-        self._sockets = sockets
         for sock in sockets:
             server = await loop.create_server(
                 lambda: Session(self._services), sock=sock, backlog=512
@@ -129,8 +127,6 @@ class Listener:
         self.draining = True
         for server in self._servers:
             server.close()
-        for sock in self._sockets:  # uvloop serves a duplicate: the original must go too
-            sock.close()
         for session in list(self.sessions):
             if not session.in_data:
                 session.close_with(replies.SHUTTING_DOWN)
