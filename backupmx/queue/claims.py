@@ -87,7 +87,7 @@ class Claims(DeliveryWrites):
         open domain on each claim, a million during a flush.
         """
         at = now or utcnow()
-        return await self._in_turn(lambda conn: self._claim_now(conn, owner, limit, at))
+        return await self._in_turn(lambda conn: self._claim_now(conn, owner, limit, at), first=True)
 
     def _claim_now(self, conn: Connection, owner: str, limit: int, now: datetime) -> list[Claim]:
         due_here = a_recipient_of_the_row(sources(Event.CLAIM), recipients.c.next_attempt_at <= now)
@@ -160,7 +160,7 @@ class Claims(DeliveryWrites):
     async def outbound(self, ids: Iterable[str]) -> dict[str, Outbound]:
         query = select(*OUTBOUND_COLUMNS).select_from(WITH_BODY).where(messages.c.id.in_(list(ids)))
         return await self._in_turn(
-            lambda conn: {row.id: outbound_record(row) for row in conn.execute(query)}
+            lambda conn: {row.id: outbound_record(row) for row in conn.execute(query)}, first=True
         )
 
     async def make_due(
