@@ -18,6 +18,11 @@ What is measured
        relaying to ``[127.0.0.1]:<sink port>``): ``postqueue -f`` right after
        the sink starts, and ``initial_destination_concurrency = 20`` so that
        both start at the same concurrency (the limit is 20 for both).
+       Beside it, the CPU time per message during the flush (from /proc/stat
+       and the sink's /proc/<pid>/stat): the sink's own, and the rest of the
+       machine's (the server under test and the kernel), and how much stayed
+       idle.  The sink writes every message to a file; on a 2-vCPU machine its
+       share bounds what either server can reach.
     2. Recovery latency: primary started -> first message in the sink's dump
        directory (polled every 5 ms).
     3. Claim cost: `Store.claim` of a 100-recipient batch with 1,000 and with
@@ -226,10 +231,46 @@ class Flush:
     recovery_seconds: float  # primary started -> first message at the primary
     flush_seconds: float  # primary started -> queue empty
     delivered: int  # dump files at the sink (duplicates included)
+    cpu: CpuShare  # where the machine's CPU went during the flush
 
     @property
     def rate(self) -> float:
         return self.messages / self.flush_seconds if self.flush_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """CPU time during a flush, per message, from /proc: the sink's own, and the rest
+    of the machine's (the server under test, the kernel, anything else)."""
+
+    sink_ms: float
+    rest_ms: float
+    idle: float  # fraction of the machine's CPU time left idle
+
+    @classmethod
+    def between(cls, before: CpuSample, after: CpuSample, messages: int) -> CpuShare:
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (after.busy - before.busy) / ticks
+        sink = (after.sink - before.sink) / ticks
+        total = busy + (after.idle - before.idle) / ticks
+        per = 1000.0 / max(messages, 1)
+        return cls(sink * per, (busy - sink) * per, 1 - busy / total if total else 0.0)
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    busy: int  # clock ticks of every CPU, not idle
+    idle: int
+    sink: int  # the sink process's user and system ticks
+
+    @classmethod
+    def now(cls, sink_pid: int) -> CpuSample:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:8]]  # up to softirq
+        idle = fields[3] + fields[4]  # idle, iowait (steal is not ours: not counted)
+        with open(f"/proc/{sink_pid}/stat") as stat:
+            own = stat.read().rsplit(")", 1)[1].split()  # after the command's name
+        return cls(sum(fields) - idle, idle, int(own[11]) + int(own[12]))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float) -> None:
@@ -276,17 +317,20 @@ def flush_run(name: str, messages: int, opts: argparse.Namespace) -> Flush:
 
         progress(f"{name}: primary back, flushing")
         sink.start()
+        assert sink.process is not None
         started = time.monotonic()
+        before = CpuSample.now(sink.process.pid)
         server.flush()
         wait_until(lambda: first_dump(sink), opts.timeout, "the first delivery", 0.005)
         recovery = time.monotonic() - started
         wait_until(lambda: server.pending() == 0, opts.timeout, "an empty queue", 0.1)
         flushed = time.monotonic() - started
+        cpu = CpuShare.between(before, CpuSample.now(sink.process.pid), messages)
         if isinstance(server, BackupMXFlush):
             stats = server.queue_stats()
             if stats["messages"] != 0:
                 raise ServerError(f"queue stats after the flush: {stats}")
-        return Flush(name, messages, load.elapsed, recovery, flushed, sink.count())
+        return Flush(name, messages, load.elapsed, recovery, flushed, sink.count(), cpu)
     finally:
         server.stop()
         sink.close()
@@ -388,13 +432,18 @@ def report(flushes: Sequence[Flush], claims: Sequence[ClaimCost], opts: argparse
             f"flush of {flushes[0].messages} held {MESSAGE_SIZE // KIB} KiB messages "
             f"({CONNECTIONS} connections, no rate cap)",
             f"{'server':<10}{'msg/s':>9}{'flush s':>10}{'recovery s':>12}"
-            f"{'inject s':>10}{'at sink':>9}",
+            f"{'inject s':>10}{'at sink':>9}{'sink CPU':>10}{'rest CPU':>10}{'idle':>6}",
         ]
         for f in flushes:
             lines.append(
                 f"{f.server:<10}{f.rate:>9.0f}{f.flush_seconds:>10.1f}"
                 f"{f.recovery_seconds:>12.3f}{f.inject_seconds:>10.1f}{f.delivered:>9}"
+                f"{f.cpu.sink_ms:>7.3f} ms{f.cpu.rest_ms:>7.3f} ms{f.cpu.idle:>6.0%}"
             )
+        lines.append(
+            "CPU per message during the flush, from /proc: the sink's own (it writes each "
+            "message to a file), and the rest of the machine's (server, kernel, other work)"
+        )
         rates = {f.server: f.rate for f in flushes}
         if rates.get("postfix") and "backupmx" in rates:
             lines.append(f"ratio backupmx/postfix: {rates['backupmx'] / rates['postfix']:.2f}")
