@@ -46,6 +46,10 @@ class SendReport:
     congestion: bool = False  # 421, 4xx to MAIL/DATA, a timeout: the pacer backs off
     usable: bool = True  # the connection can carry the next message
     dsn_supported: bool = True
+    # The body was held back (the node's fence fell while DATA waited for its 354) and
+    # the connection closed before the end of data: nothing was delivered, and the
+    # recipients are no longer this node's to record.
+    abandoned: bool = False
 
 
 # --------------------------------------------------------------------------- before sending

@@ -40,7 +40,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -126,16 +126,23 @@ class PrimaryConnection:
         return extension.lower() in self.features
 
     async def send(
-        self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool
+        self,
+        message: Outbound,
+        recipients: Sequence[Claim],
+        hold_5xx: bool,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> SendReport:
-        """Send one message to its recipients at this destination; never raises."""
+        """Send one message to its recipients at this destination; never raises.
+        `may_send` is asked again right before the body: if it says no (the node's
+        fence fell while DATA waited for its 354), the connection is closed before the
+        end of data, so the primary delivers nothing, and the report is `abandoned`."""
         report = SendReport([], dsn_supported=self.supports("DSN"))
         refusal = self._refusal(message)
         if refusal is not None:
             report.outcomes = [refusal] * len(recipients)
             return report
         try:
-            await self._transaction(message, recipients, hold_5xx, report)
+            await self._transaction(message, recipients, hold_5xx, report, may_send)
         except aiosmtplib.SMTPTimeoutError as error:
             report.congestion, report.usable = True, False
             reason = f"timeout talking to {self.target}: {error}"
@@ -151,10 +158,15 @@ class PrimaryConnection:
         return refusal(message, str(self.target), self.supports("SMTPUTF8"), self.size_limit)
 
     async def _transaction(
-        self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool, report: SendReport
+        self,
+        message: Outbound,
+        recipients: Sequence[Claim],
+        hold_5xx: bool,
+        report: SendReport,
+        may_send: Callable[[], bool],
     ) -> None:
         if self.supports("PIPELINING"):
-            await self._pipelined(message, recipients, hold_5xx, report)
+            await self._pipelined(message, recipients, hold_5xx, report, may_send)
             return
         smtp = self.smtp
         mail = await smtp.execute_command(
@@ -184,7 +196,10 @@ class PrimaryConnection:
             await self._reset(0, report)
             return
         try:
-            done = await self._data(message.body)
+            done = await self._data(message.body, may_send)
+            if done is None:
+                self._abandon(report, len(recipients))
+                return
             data_outcome = classify(done.code, done.message)
         except aiosmtplib.SMTPDataError as error:
             sent = not isinstance(error, DataRefused)
@@ -194,7 +209,12 @@ class PrimaryConnection:
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
 
     async def _pipelined(
-        self, message: Outbound, recipients: Sequence[Claim], hold_5xx: bool, report: SendReport
+        self,
+        message: Outbound,
+        recipients: Sequence[Claim],
+        hold_5xx: bool,
+        report: SendReport,
+        may_send: Callable[[], bool],
     ) -> None:
         """The transaction with MAIL, every RCPT and DATA in one write (RFC 2920), then
         the body if DATA was answered 354 and a recipient was accepted."""
@@ -229,6 +249,9 @@ class PrimaryConnection:
             taken = accepted(mail.code) and any(accepted(r.code) for r in rcpts)
             done = None
             if data is not None and data.code == 354:
+                if taken and not may_send():
+                    self._abandon(report, len(recipients))
+                    return
                 transport.write(on_the_wire(message.body) if taken else b".\r\n")
                 done = await replies.next(self.timeouts.data)
         except (aiosmtplib.SMTPException, OSError):
@@ -273,7 +296,9 @@ class PrimaryConnection:
             await self._reset(done.code, report)
         report.outcomes = [data_outcome if o is None else o for o in outcomes]
 
-    async def _data(self, body: bytes) -> aiosmtplib.SMTPResponse:
+    async def _data(
+        self, body: bytes, may_send: Callable[[], bool]
+    ) -> aiosmtplib.SMTPResponse | None:
         """DATA, then the body as stored with SMTP's dot-stuffing.  aiosmtplib's `data`
         rewrites every line ending with a regular expression first, which was a
         quarter of the event loop's time in a flush; stored bodies have CRLF line
@@ -282,6 +307,8 @@ class PrimaryConnection:
         start = await self.smtp.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
             raise DataRefused(start.code, start.message)
+        if not may_send():
+            return None  # not a byte of the body: see `send`
         protocol = self.smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
@@ -290,6 +317,13 @@ class PrimaryConnection:
         if done.code != 250:
             raise aiosmtplib.SMTPDataError(done.code, done.message)
         return done
+
+    def _abandon(self, report: SendReport, count: int) -> None:
+        """Close the connection inside DATA, before the end of data (RFC 5321 §4.1.1.4:
+        no end of data, no delivery)."""
+        self.smtp.close()
+        report.abandoned, report.usable = True, False
+        report.outcomes = broken_off([], count, f"fence lost before the body to {self.target}")
 
     async def _reset(self, code: int, report: SendReport) -> None:
         if code == 421:

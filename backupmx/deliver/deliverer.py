@@ -348,10 +348,19 @@ class Deliverer:
                         return
                     sending = metrics.clock()
                     try:
-                        report = await connection.send(message, claims, hold)
+                        # Asked again before the body: a pause between the commands
+                        # and the 354 must not let the body out after a takeover.
+                        report = await connection.send(
+                            message, claims, hold, lambda: self.membership.holds(epoch)
+                        )
                     except asyncio.CancelledError:
                         connection.smtp.close()  # shutting down: the reply is not waited for
                         raise
+                    if report.abandoned:  # closed inside DATA: nothing was delivered
+                        log.warning(
+                            "send_abandoned", queue_id=message.id, reason="fence lost before body"
+                        )
+                        return
                     metrics.message_sent(sending)
                     self._feedback(pacer, report)
                     await self._release(connection, report, pacer)

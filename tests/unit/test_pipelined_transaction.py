@@ -215,3 +215,29 @@ async def test_a_reply_that_is_no_reply_fails_the_connection() -> None:
         assert "Malformed" in str(error)
     else:
         raise AssertionError("a malformed line was taken for a reply")
+
+
+async def test_a_fence_fallen_while_data_waits_for_its_354_sends_no_body() -> None:
+    """A node stopped between the commands and the 354 may find, when it continues,
+    that another node has taken its recipients over: the body must not go, and the
+    connection closes inside DATA, before the end of data, so nothing is delivered."""
+    transport = ScriptedTransport(["250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"])
+    smtp = ScriptedSMTP(transport)
+    connection = PrimaryConnection(
+        Target("mx1.example.test", "127.0.0.2", 25),
+        smtp,  # type: ignore[arg-type]
+        Timeouts(1, 1, 1, 1),
+        features={"pipelining": ""},
+    )
+    asked: list[int] = []
+
+    def fence() -> bool:  # falls once the commands are on their way
+        asked.append(len(transport.writes))
+        return False
+
+    report = await connection.send(MESSAGE, claims(1), hold_5xx=False, may_send=fence)
+    assert asked == [1]  # asked once, after the commands, before the body
+    assert report.abandoned and not report.usable
+    assert [o.verdict for o in report.outcomes] == [Verdict.DEFERRED]
+    assert len(transport.writes) == 1  # MAIL, RCPT and DATA; no byte of the body
+    assert transport.closed

@@ -106,3 +106,26 @@ async def test_a_2xx_where_354_belongs_is_a_protocol_error_and_defers() -> None:
     verdicts, primary = await send([(250, "ok"), (250, "ok"), (250, "ok?"), (250, "reset")], 1)
     assert verdicts == [Verdict.DEFERRED]
     assert primary.body is None
+
+
+async def test_a_fence_fallen_while_data_waits_for_its_354_sends_no_body() -> None:
+    """One command at a time too: the fence is asked after DATA's 354, and when it has
+    fallen the connection is closed before any byte of the body."""
+
+    class Closable(ScriptedPrimary):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    primary = Closable([(250, "ok"), (250, "ok"), (354, "go"), (250, "queued")])
+    connection = PrimaryConnection(
+        Target("mx1.example.test", "127.0.0.2", 25),
+        primary,  # type: ignore[arg-type]
+        Timeouts(1, 1, 1, 1),
+    )
+    report = await connection.send(MESSAGE, claims(1), hold_5xx=False, may_send=lambda: False)
+    assert primary.commands == [b"MAIL", b"RCPT", b"DATA"]
+    assert primary.body is None and primary.closed
+    assert report.abandoned and not report.usable
+    assert [o.verdict for o in report.outcomes] == [Verdict.DEFERRED]
