@@ -98,7 +98,9 @@ class Worker:
     async def start(self, config: Config, intake_address: str) -> None:
         serve = self.serve
         assert serve is not None
-        self.config = config
+        # A reload sent in the same write as "start" is handled first (it is not a
+        # coroutine): its configuration is the newer one.
+        self.config = self.config or config
         self.store = Store.open(config.database)
         await self.store.receive_through(intake_address)
         resolver = Resolver(
