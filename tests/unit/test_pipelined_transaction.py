@@ -102,17 +102,22 @@ def claims(count: int) -> list[Claim]:
     ]
 
 
-async def send(
-    replies: Iterable[str], recipients: int
-) -> tuple[list[Verdict], ScriptedTransport, ScriptedSMTP, bool]:
-    transport = ScriptedTransport(replies)
-    smtp = ScriptedSMTP(transport)
-    connection = PrimaryConnection(
+def pipelining(smtp: ScriptedSMTP) -> PrimaryConnection:
+    """A connection to a primary that offers PIPELINING, over the scripted transport."""
+    return PrimaryConnection(
         Target("mx1.example.test", "127.0.0.2", 25),
         smtp,  # type: ignore[arg-type]
         Timeouts(1, 1, 1, 1),
         features={"pipelining": ""},
     )
+
+
+async def send(
+    replies: Iterable[str], recipients: int
+) -> tuple[list[Verdict], ScriptedTransport, ScriptedSMTP, bool]:
+    transport = ScriptedTransport(replies)
+    smtp = ScriptedSMTP(transport)
+    connection = pipelining(smtp)
     report = await connection.send(MESSAGE, claims(recipients), hold_5xx=False)
     return [o.verdict for o in report.outcomes], transport, smtp, report.usable
 
@@ -176,12 +181,7 @@ async def test_a_refused_sender_refuses_every_recipient_and_no_body_goes() -> No
 async def test_data_refused_defers_the_accepted_recipients_as_a_sign_of_congestion() -> None:
     transport = ScriptedTransport(["250 ok\r\n", "250 ok\r\n", "452 4.3.1 full\r\n"])
     smtp = ScriptedSMTP(transport)
-    connection = PrimaryConnection(
-        Target("mx1.example.test", "127.0.0.2", 25),
-        smtp,  # type: ignore[arg-type]
-        Timeouts(1, 1, 1, 1),
-        features={"pipelining": ""},
-    )
+    connection = pipelining(smtp)
     report = await connection.send(MESSAGE, claims(1), hold_5xx=False)
     assert [o.verdict for o in report.outcomes] == [Verdict.DEFERRED]
     assert report.congestion
@@ -223,12 +223,7 @@ async def test_a_fence_fallen_while_data_waits_for_its_354_sends_no_body() -> No
     connection closes inside DATA, before the end of data, so nothing is delivered."""
     transport = ScriptedTransport(["250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"])
     smtp = ScriptedSMTP(transport)
-    connection = PrimaryConnection(
-        Target("mx1.example.test", "127.0.0.2", 25),
-        smtp,  # type: ignore[arg-type]
-        Timeouts(1, 1, 1, 1),
-        features={"pipelining": ""},
-    )
+    connection = pipelining(smtp)
     asked: list[int] = []
 
     def fence() -> bool:  # falls once the commands are on their way
