@@ -176,7 +176,7 @@ class Delivery:
     # These three are read at start-up only.
     max_recipients_in_flight: int = 2000
     # Recipients leased by one claim query, at most; a node claims again once no more
-    # than half a batch waits for a connection.  Smaller batches leave more of a
+    # than one batch waits for a connection.  Smaller batches leave more of a
     # backlog to the other nodes; larger ones mean fewer queries.
     claim_batch: int = 100
     # How often expiry, delay warnings and the recipient-verification

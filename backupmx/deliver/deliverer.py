@@ -6,7 +6,7 @@ one concern):
 1. `Deliverer.run` claims due recipients under this node's lease (several nodes
    may share the queue: `backupmx.deliver.membership`), at most ``claim_batch``
    at a time, and only while its fence holds, fewer than
-   ``max_recipients_in_flight`` are being worked on, and at most half a batch is
+   ``max_recipients_in_flight`` are being worked on, and at most one batch is
    waiting for a connection slot: a node takes what its connections can start
    on soon, in small batches, and leaves the rest of a backlog to the others.
    It wakes at once when a primary comes back, a flush is asked for, ETRN
@@ -223,7 +223,7 @@ class Deliverer:
         waiting = self._in_flight - self._sending - self._recording
         return (
             self._in_flight < self.settings.max_recipients_in_flight
-            and waiting <= self.settings.claim_batch // 2
+            and waiting <= self.settings.claim_batch
             and self.membership.holds()
         )
 
