@@ -148,7 +148,7 @@ class Notices:
             ret=message.ret,
             arrival_date=message.received_at,
             queue_id=message.id,
-            original=message.body,
+            original=message.loaded_body(),
             smtputf8=message.smtputf8,
             recipients=list(reports),
             date=now,

@@ -196,7 +196,7 @@ class PrimaryConnection:
             await self._reset(0, report)
             return
         try:
-            done = await self._data(message.body, may_send)
+            done = await self._data(message.loaded_body(), may_send)
             if done is None:
                 self._abandon(report, len(recipients))
                 return
@@ -252,7 +252,7 @@ class PrimaryConnection:
                 if taken and not may_send():
                     self._abandon(report, len(recipients))
                     return
-                transport.write(on_the_wire(message.body) if taken else b".\r\n")
+                transport.write(on_the_wire(message.loaded_body()) if taken else b".\r\n")
                 done = await replies.next(self.timeouts.data)
         except (aiosmtplib.SMTPException, OSError):
             self.smtp.close()  # out of step with the server: the connection is not reused

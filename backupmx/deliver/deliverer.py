@@ -18,7 +18,8 @@ one concern):
    connection slot and a message token, and an idle connection is reused (up to
    ``messages_per_connection``) or a new one opened.  A host that cannot be
    reached is skipped for the next; if none can, the recipients are deferred and
-   the domain is marked down.
+   the domain is marked down.  A large body is read only then, within the
+   `BodyBudget` of large bodies in memory (`backupmx.deliver.bodies`).
 4. Results go back to the store in one transaction with their DSNs.
 
 What each step's outcome means for the recipients (no route, a dead destination,
@@ -40,7 +41,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -58,13 +59,14 @@ from backupmx.deliver.attempt import (
     unreachable,
     without_route,
 )
+from backupmx.deliver.bodies import BodyBudget
 from backupmx.deliver.client import ConnectFailed, PrimaryConnection, Target, Timeouts, connect
 from backupmx.deliver.membership import Membership
 from backupmx.deliver.pacer import HostPacer, Pacers
 from backupmx.deliver.primaries import Primaries, target
 from backupmx.deliver.route import Defer, Route, RoutePlan
 from backupmx.mail.reply import Outcome, Verdict, deferred
-from backupmx.queue.records import Claim, NewMessage, Outbound, Result, utcnow
+from backupmx.queue.records import Claim, NewMessage, Outbound, Result, UnknownMessage, utcnow
 from backupmx.queue.state import Event
 from backupmx.queue.store import Store
 
@@ -130,6 +132,7 @@ class Deliverer:
         self._idle: dict[Target, list[tuple[float, PrimaryConnection]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
+        self._bodies = BodyBudget()  # large bodies read at send time, bytes at once
 
     @property
     def in_flight(self) -> int:
@@ -341,21 +344,27 @@ class Deliverer:
                             failures.append(str(error))
                         continue
                     await pacer.message_token()
-                    if not self.membership.holds(epoch):
-                        # Another node may have these recipients by now: not a byte more.
-                        log.warning("send_abandoned", queue_id=message.id, reason="fence lost")
-                        await connection.close()
-                        return
-                    sending = metrics.clock()
-                    try:
-                        # Asked again before the body: a pause between the commands
-                        # and the 354 must not let the body out after a takeover.
-                        report = await connection.send(
-                            message, claims, hold, lambda: self.membership.holds(epoch)
-                        )
-                    except asyncio.CancelledError:
-                        connection.smtp.close()  # shutting down: the reply is not waited for
-                        raise
+                    async with self._bodies.room(message.size if message.body is None else 0):
+                        if message.body is None:  # a large body, read only now
+                            message = replace(message, body=await self._body(message.id))
+                            if not message.body:  # deleted since the claim: nothing to send
+                                await connection.close()
+                                return
+                        if not self.membership.holds(epoch):
+                            # Another node may have these recipients by now: not a byte more.
+                            log.warning("send_abandoned", queue_id=message.id, reason="fence lost")
+                            await connection.close()
+                            return
+                        sending = metrics.clock()
+                        try:
+                            # Asked again before the body: a pause between the commands
+                            # and the 354 must not let the body out after a takeover.
+                            report = await connection.send(
+                                message, claims, hold, lambda: self.membership.holds(epoch)
+                            )
+                        except asyncio.CancelledError:
+                            connection.smtp.close()  # shutting down: no reply waited for
+                            raise
                     if report.abandoned:  # closed inside DATA: nothing was delivered
                         log.warning(
                             "send_abandoned", queue_id=message.id, reason="fence lost before body"
@@ -372,6 +381,14 @@ class Deliverer:
         reason = unreachable(failures)
         await self._record(message, claims, [deferred(reason)] * len(claims), None, True)
         await self._observed(domain, False, reason, route)
+
+    async def _body(self, message_id: str) -> bytes:
+        """A large body, read when it is needed; empty if the message has gone since the
+        claim (finished, deleted)."""
+        try:
+            return await self.store.body(message_id)
+        except UnknownMessage:
+            return b""
 
     async def _observed(self, domain: str, up: bool, detail: str, route: Route) -> None:
         """Tell `Primaries` what a delivery saw.  The results are recorded by then, so a
@@ -472,6 +489,9 @@ class Deliverer:
         relay = str(where) if where else None
         for event, fields in log_events(claims, outcomes):
             log.info(event, queue_id=message.id, domain=claims[0].domain, relay=relay, **fields)
+        if message.body is None and any(o.verdict is Verdict.BOUNCED for o in outcomes):
+            # A bounce's DSN quotes the message: a large body not sent is read for it.
+            message = replace(message, body=await self._body(message.id))
         notices = self.notices(message, claims, outcomes, where, dsn_supported)
         await self._store(results, notices)
 

@@ -135,13 +135,19 @@ class Outbound:
 
     id: str
     sender: str
-    body: bytes
+    body: bytes | None  # None: a large body, read only when it is sent (`Claims.outbound`)
     size: int
     body_type: str
     smtputf8: bool
     ret: str | None
     envid: str | None
     received_at: datetime
+
+    def loaded_body(self) -> bytes:
+        """The body, once read: a large one is read just before it is sent, or quoted."""
+        if self.body is None:
+            raise ValueError(f"the body of {self.id} was not read")
+        return self.body
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -714,3 +715,44 @@ def test_kill_9_during_a_flush_then_restart_delivers_every_recipient(
         f"kill -9 after {at_kill} of {messages} messages: "
         f"{len(duplicates)} delivered twice or more {sorted(duplicates.values())}"
     )
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident size since the last `reset_peak_rss`, in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (kib,) = re.findall(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(kib) * 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0+)
+
+
+LARGE_MESSAGES, LARGE_SIZE = 40, 4 * 1024 * 1024
+
+
+def test_a_flush_of_large_messages_holds_a_few_bodies_in_memory_not_every_claimed_one(
+    server_factory: Any, dns: Dnsmasq, port: int, sinks: Callable[..., SmtpSink]
+) -> None:
+    """40 held messages of 4 MiB, one claim: serve read all 160 MiB of bodies with the
+    claim; now a large body is read only when it is sent, 16 MiB of them at most."""
+    server = backup(server_factory, dns, port, ["example.test"]).start()
+    line = b"x" * 998 + b"\r\n"
+    sent = {}
+    with smtp(server) as client:
+        for index in range(LARGE_MESSAGES):
+            content = content_for(f"large-{index}", []) + line * (LARGE_SIZE // len(line))
+            sent[transmit(client, SENDER, [f"large{index}@example.test"], content)] = content
+    wait_for(lambda: domain_state(server, "example.test") == "down", 10, "example.test down")
+    assert server.process is not None
+    pid = server.process.pid
+    reset_peak_rss(pid)
+    before = peak_rss(pid)
+
+    sink = sinks(PRIMARY, port)
+    wait_for(lambda: pending(server) == 0, 120, "every large message delivered")
+    grown = peak_rss(pid) - before
+    total = LARGE_MESSAGES * LARGE_SIZE
+    print(f"\nserve's peak grew by {grown / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of bodies")
+    assert sorted(by_queue_id(sink.messages())) == sorted(sent)
+    assert grown < total // 2, f"{grown / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of bodies"
