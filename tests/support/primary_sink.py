@@ -92,12 +92,19 @@ def parse_dump(path: Path) -> Dumped:
 class SmtpSink:
     """One smtp-sink process on ``host:port`` that dumps what it accepts."""
 
-    def __init__(self, host: str, port: int, *options: str, name: str = "primary.test") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *options: str,
+        name: str = "primary.test",
+        dump_root: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.options = options
         self.name = name
-        self.dump_dir = Path(tempfile.mkdtemp(prefix="backupmx-sink-"))
+        self.dump_dir = Path(tempfile.mkdtemp(prefix="backupmx-sink-", dir=dump_root))
         self.dump_dir.chmod(0o777)  # smtp-sink writes as nobody
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
