@@ -18,8 +18,9 @@ one concern):
    connection slot and a message token, and an idle connection is reused (up to
    ``messages_per_connection``) or a new one opened.  A host that cannot be
    reached is skipped for the next; if none can, the recipients are deferred and
-   the domain is marked down.  A large body is read only then, within the
-   `BodyBudget` of large bodies in memory (`backupmx.deliver.bodies`).
+   the domain is marked down.  A large body is read only once a connection is
+   there, within the `BodyBudget` of large bodies in memory
+   (`backupmx.deliver.bodies`), whose room is taken before the connection slot.
 4. Results go back to the store in one transaction with their DSNs.
 
 What each step's outcome means for the recipients (no route, a dead destination,
@@ -318,6 +319,16 @@ class Deliverer:
         if waited is not None:
             await self._record(message, claims, [waited] * len(claims), None, True)
             return
+        # Room for a large body is taken before a connection slot, so that a message
+        # waiting for room keeps no connection to the primary idle; the body itself is
+        # read only once a connection is there (a primary that is down costs no read).
+        async with self._bodies.room(message.size if message.body is None else 0):
+            await self._send(domain, route, message, claims, epoch)
+
+    async def _send(
+        self, domain: str, route: RoutePlan, message: Outbound, claims: list[Claim], epoch: int
+    ) -> None:
+        """Try the route's hosts in turn; record the outcome."""
         failures: list[str] = []
         hold = self.primaries.in_hold_window(domain)
         tls = self.primaries.policies(domain).tls
@@ -344,27 +355,26 @@ class Deliverer:
                             failures.append(str(error))
                         continue
                     await pacer.message_token()
-                    async with self._bodies.room(message.size if message.body is None else 0):
-                        if message.body is None:  # a large body, read only now
-                            message = replace(message, body=await self._body(message.id))
-                            if not message.body:  # deleted since the claim: nothing to send
-                                await connection.close()
-                                return
-                        if not self.membership.holds(epoch):
-                            # Another node may have these recipients by now: not a byte more.
-                            log.warning("send_abandoned", queue_id=message.id, reason="fence lost")
+                    if message.body is None:  # a large body, read only now
+                        message = replace(message, body=await self._body(message.id))
+                        if not message.body:  # deleted since the claim: nothing to send
                             await connection.close()
                             return
-                        sending = metrics.clock()
-                        try:
-                            # Asked again before the body: a pause between the commands
-                            # and the 354 must not let the body out after a takeover.
-                            report = await connection.send(
-                                message, claims, hold, lambda: self.membership.holds(epoch)
-                            )
-                        except asyncio.CancelledError:
-                            connection.smtp.close()  # shutting down: no reply waited for
-                            raise
+                    if not self.membership.holds(epoch):
+                        # Another node may have these recipients by now: not a byte more.
+                        log.warning("send_abandoned", queue_id=message.id, reason="fence lost")
+                        await connection.close()
+                        return
+                    sending = metrics.clock()
+                    try:
+                        # Asked again before the body: a pause between the commands
+                        # and the 354 must not let the body out after a takeover.
+                        report = await connection.send(
+                            message, claims, hold, lambda: self.membership.holds(epoch)
+                        )
+                    except asyncio.CancelledError:
+                        connection.smtp.close()  # shutting down: the reply is not waited for
+                        raise
                     if report.abandoned:  # closed inside DATA: nothing was delivered
                         log.warning(
                             "send_abandoned", queue_id=message.id, reason="fence lost before body"
