@@ -28,7 +28,11 @@ class BodyBudget:
     @contextlib.asynccontextmanager
     async def room(self, size: int) -> AsyncIterator[None]:
         """Wait until `size` more bytes fit in the budget (or nothing else is held), and
-        hold them until the block ends."""
+        hold them until the block ends.  A body read with its claim (`size` 0) takes no
+        room: most messages pass here without touching the lock."""
+        if size == 0:
+            yield
+            return
         async with self._changed:
             await self._changed.wait_for(lambda: self.held == 0 or self.held + size <= self.limit)
             self.held += size
